@@ -1,0 +1,61 @@
+"""Model importers: HF safetensors directories and GGUF files.
+
+    >>> from bitune_jax.convert import load_model          # doctest: +SKIP
+    >>> model = load_model("path/to/SmolLM2.gguf")         # doctest: +SKIP
+    >>> model.params, model.cfg, model.tokenizer           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from bitune_jax.convert.common import ModelFileError
+from bitune_jax.models.config import ModelConfig
+from bitune_jax.models.families import UnsupportedModelError
+
+__all__ = ["LoadedModel", "load_model", "load_tokenizer", "ModelFileError", "UnsupportedModelError"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Base parameters, their architecture and the tokenizer of a checkpoint."""
+
+    params: Any
+    cfg: ModelConfig
+    tokenizer: Any
+    source: str
+
+
+def load_tokenizer(src: str):
+    """The tokenizer stored with a model (HF directory or GGUF file), loaded offline."""
+    from transformers import AutoTokenizer
+
+    if src.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(src)), gguf_file=os.path.basename(src),
+                                             local_files_only=True, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+
+
+def load_model(src: str, dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
+    """Loads a model from an HF safetensors directory or a ``.gguf`` file.
+
+    Raises ``ModelFileError`` (missing/malformed files, shape mismatches, named)
+    or ``UnsupportedModelError`` (unknown architecture).
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}; allowed: float32, bfloat16")
+    if not os.path.exists(src):
+        raise ModelFileError(f"model source {src!r} does not exist (expected an HF directory or a .gguf file)")
+    if src.endswith(".gguf"):
+        from bitune_jax.convert.gguf import load_gguf
+
+        params, cfg = load_gguf(src, dtype=dtype)
+    elif os.path.isdir(src):
+        from bitune_jax.convert.hf import load_hf
+
+        params, cfg = load_hf(src, dtype=dtype)
+    else:
+        raise ModelFileError(f"model source {src!r} is neither a directory nor a .gguf file")
+    tok = load_tokenizer(src) if with_tokenizer else None
+    return LoadedModel(params=params, cfg=cfg, tokenizer=tok, source=src)

@@ -1,0 +1,226 @@
+"""Parameter-efficient adapters (LoRA, DoRA, IA3) as separate pytrees.
+
+An adapter set is a plain dict keyed by canonical projection name, each entry
+stacked over layers like the base weights it modifies::
+
+    {"q_proj": {"lora_a": [L, in, r], "lora_b": [L, r, out]}, ...}      # LoRA
+    {"q_proj": {"lora_a": ..., "lora_b": ..., "magnitude": [L, out]}}   # DoRA
+    {"k_proj": {"scale": [L, out]}, "down_proj": {"scale": [L, in]}}    # IA3
+
+The base weights never change; :func:`dense` applies the frozen kernel once to
+the concatenated tokens of every stream and then lets each stream apply its
+own adapter set. That is how Bitune runs the causal and bidirectional prefills
+with shared base matmuls but separate adapters.
+
+Example:
+
+    >>> import jax
+    >>> from bitune_jax.models.config import ModelConfig
+    >>> cfg = ModelConfig(family="llama", vocab_size=32, hidden_size=16,
+    ...                   intermediate_size=32, num_layers=2, num_heads=2,
+    ...                   num_kv_heads=1, head_dim=8)
+    >>> pc = PeftConfig(method="lora", rank=4)
+    >>> ad = init_adapters(jax.random.PRNGKey(0), cfg, pc)
+    >>> ad["q_proj"]["lora_a"].shape
+    (2, 16, 4)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+METHODS = ("lora", "dora", "ia3")
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IA3_DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
+# IA3 scales the *input* of feed-forward output projections, the output elsewhere.
+IA3_FEEDFORWARD = ("down_proj",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Static description of an adapter set.
+
+    Attributes:
+      method: "lora", "dora" or "ia3".
+      rank: LoRA/DoRA rank r.
+      alpha: LoRA/DoRA alpha; the update is scaled by alpha / rank.
+      targets: canonical projection names to adapt; None means every
+        projection for LoRA/DoRA and k, v, down for IA3.
+      dropout: dropout rate on the LoRA/DoRA input (training only).
+    """
+
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 1.0
+    targets: Optional[Tuple[str, ...]] = None
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"peft.method={self.method!r}; allowed: {METHODS}")
+        if self.method != "ia3" and self.rank < 1:
+            raise ValueError(f"peft.rank={self.rank}; must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"peft.dropout={self.dropout}; must be in [0, 1)")
+        if self.targets is not None:
+            bad = [t for t in self.targets if t not in ALL_PROJECTIONS]
+            if bad:
+                raise ValueError(f"peft.targets has unknown projections {bad}; allowed: {ALL_PROJECTIONS}")
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def target_names(self, model_cfg) -> Tuple[str, ...]:
+        """Targets that exist in ``model_cfg``, in canonical order."""
+        wanted = self.targets
+        if wanted is None:
+            wanted = IA3_DEFAULT_TARGETS if self.method == "ia3" else ALL_PROJECTIONS
+        return tuple(p for p in model_cfg.projections if p in wanted)
+
+
+def init_adapters(rng, model_cfg, peft_cfg: PeftConfig, base_params=None, dtype=jnp.float32):
+    """Creates one adapter set stacked over layers.
+
+    LoRA A is drawn like PyTorch's ``kaiming_uniform_(a=sqrt(5))`` (uniform in
+    +-1/sqrt(in)) and B is zero, so a fresh adapter leaves the model unchanged.
+    DoRA needs ``base_params`` to initialise its magnitude to the column norms
+    of the frozen kernels. IA3 scales start at one.
+    """
+    L = model_cfg.num_layers
+    out = {}
+    for i, name in enumerate(peft_cfg.target_names(model_cfg)):
+        fan_in, fan_out = model_cfg.projection_shape(name)
+        if peft_cfg.method == "ia3":
+            size = fan_in if name in IA3_FEEDFORWARD else fan_out
+            out[name] = {"scale": jnp.ones((L, size), dtype)}
+            continue
+        key = jax.random.fold_in(rng, i)
+        bound = 1.0 / math.sqrt(fan_in)
+        entry = {
+            "lora_a": jax.random.uniform(key, (L, fan_in, peft_cfg.rank), dtype, -bound, bound),
+            "lora_b": jnp.zeros((L, peft_cfg.rank, fan_out), dtype),
+        }
+        if peft_cfg.method == "dora":
+            if base_params is None:
+                raise ValueError("DoRA adapters need base_params to initialise their magnitude")
+            kernel = base_params["layers"][name]["kernel"].astype(jnp.float32)  # [L, in, out]
+            entry["magnitude"] = jnp.linalg.norm(kernel, axis=1).astype(dtype)
+        out[name] = entry
+    return out
+
+
+def layer_slice(adapters, name):
+    """The entry of projection ``name`` in a per-layer adapter set, or None."""
+    if adapters is None:
+        return None
+    return adapters.get(name)
+
+
+def _adapter_pre(x, ad, name, peft_cfg):
+    if ad is not None and peft_cfg.method == "ia3" and name in IA3_FEEDFORWARD:
+        return x * ad["scale"].astype(x.dtype)
+    return x
+
+
+def _adapter_post(x, y_nobias, bias, kernel, ad, name, peft_cfg, dropout_rng):
+    """Output of one stream given its base matmul ``y_nobias = x @ kernel``."""
+    if ad is None:
+        return y_nobias if bias is None else y_nobias + bias
+    if peft_cfg.method == "ia3":
+        y = y_nobias if bias is None else y_nobias + bias
+        if name in IA3_FEEDFORWARD:
+            return y
+        return y * ad["scale"].astype(y.dtype)
+    xd = x
+    if peft_cfg.dropout > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - peft_cfg.dropout, x.shape)
+        xd = jnp.where(keep, x / (1.0 - peft_cfg.dropout), 0).astype(x.dtype)
+    a = ad["lora_a"].astype(x.dtype)
+    b = ad["lora_b"].astype(x.dtype)
+    delta = (xd @ a) @ b * jnp.asarray(peft_cfg.scaling, x.dtype)
+    if peft_cfg.method == "lora":
+        y = y_nobias + delta
+    else:  # DoRA: magnitude / ||W + s B A|| (norm treated as a constant, as in the DoRA paper)
+        w = kernel.astype(jnp.float32) + peft_cfg.scaling * (
+            ad["lora_a"].astype(jnp.float32) @ ad["lora_b"].astype(jnp.float32))
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))  # [out]
+        factor = (ad["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
+        y = (y_nobias + delta) * factor
+    return y if bias is None else y + bias
+
+
+def dense(xs: Sequence[jax.Array], proj: dict, name: str, adapters: Sequence, peft_cfg: Optional[PeftConfig],
+          dropout_rngs: Optional[Sequence] = None):
+    """Applies projection ``name`` to several token streams at once.
+
+    Args:
+      xs: one array per stream, each ``[..., in]``; shapes may differ.
+      proj: ``{"kernel": [in, out], "bias"?: [out]}`` for this layer.
+      name: canonical projection name (decides IA3 input vs output scaling).
+      adapters: one per-layer adapter set (or None) per stream.
+      peft_cfg: static adapter description (None when no stream has adapters).
+      dropout_rngs: optional per-stream PRNG keys for adapter dropout.
+
+    Returns:
+      A list with one ``[..., out]`` array per stream. The frozen kernel is
+      multiplied once with all streams' tokens concatenated.
+    """
+    kernel = proj["kernel"]
+    bias = proj.get("bias")
+    ads = [layer_slice(a, name) for a in adapters]
+    ins = [_adapter_pre(x, ad, name, peft_cfg) for x, ad in zip(xs, ads)]
+    if len(ins) == 1:
+        outs = [ins[0] @ kernel.astype(ins[0].dtype)]
+    else:
+        flat = [x.reshape(-1, x.shape[-1]) for x in ins]
+        sizes = [f.shape[0] for f in flat]
+        y = jnp.concatenate(flat, axis=0) @ kernel.astype(ins[0].dtype)
+        splits = _offsets(sizes)
+        outs = [part.reshape(*x.shape[:-1], kernel.shape[-1]) for part, x in zip(jnp.split(y, splits, axis=0), ins)]
+    rngs = dropout_rngs if dropout_rngs is not None else [None] * len(xs)
+    return [_adapter_post(x, y, bias, kernel, ad, name, peft_cfg, r) for x, y, ad, r in zip(xs, outs, ads, rngs)]
+
+
+def _offsets(sizes):
+    acc, out = 0, []
+    for s in sizes[:-1]:
+        acc += s
+        out.append(acc)
+    return out
+
+
+def merge_adapters(base_params, adapters, peft_cfg: PeftConfig):
+    """Folds an adapter set into the base kernels (for export or fast decoding).
+
+    Only LoRA merges exactly into a kernel alone; DoRA and IA3 output scaling
+    are folded into the kernel (and bias) as well, since both are per-column.
+    """
+    params = jax.tree_util.tree_map(lambda x: x, base_params)
+    layers = dict(params["layers"])
+    for name, ad in adapters.items():
+        proj = dict(layers[name])
+        k = proj["kernel"].astype(jnp.float32)
+        if peft_cfg.method == "ia3":
+            s = ad["scale"].astype(jnp.float32)
+            if name in IA3_FEEDFORWARD:
+                k = k * s[:, :, None]
+            else:
+                k = k * s[:, None, :]
+                if "bias" in proj:
+                    proj["bias"] = (proj["bias"].astype(jnp.float32) * s).astype(proj["bias"].dtype)
+        else:
+            w = k + peft_cfg.scaling * jnp.einsum("lir,lro->lio", ad["lora_a"].astype(jnp.float32),
+                                                  ad["lora_b"].astype(jnp.float32))
+            if peft_cfg.method == "dora":
+                w = w * (ad["magnitude"].astype(jnp.float32) / jnp.linalg.norm(w, axis=1))[:, None, :]
+            k = w
+        proj["kernel"] = k.astype(layers[name]["kernel"].dtype)
+        layers[name] = proj
+    params["layers"] = layers
+    return params
