@@ -151,7 +151,7 @@ def unembed(params, cfg: ModelConfig, h):
 
 
 def layer_qkv(lp, cfg: ModelConfig, xs: Sequence, positions: Sequence, adapters: Sequence, peft_cfg=None,
-              is_local=None):
+              is_local=None, dropout_rngs=None):
     """First step of a layer for several streams.
 
     Args:
@@ -160,6 +160,7 @@ def layer_qkv(lp, cfg: ModelConfig, xs: Sequence, positions: Sequence, adapters:
       positions: matching ``[batch, seq]`` integer positions.
       adapters: one per-layer adapter set (or None) per stream.
       is_local: traced bool (Gemma 3): use the sliding-window RoPE base.
+      dropout_rngs: optional per-stream PRNG keys for adapter dropout.
 
     Returns:
       ``(hs, qs, ks, vs)``: normalised inputs (needed again by parallel
@@ -167,9 +168,9 @@ def layer_qkv(lp, cfg: ModelConfig, xs: Sequence, positions: Sequence, adapters:
       ``[b, s, kv_heads, hd]``.
     """
     hs = [norm(lp["attn_norm"], x, cfg) for x in xs]
-    qs = peft_lib.dense(hs, lp["q_proj"], "q_proj", adapters, peft_cfg)
-    ks = peft_lib.dense(hs, lp["k_proj"], "k_proj", adapters, peft_cfg)
-    vs = peft_lib.dense(hs, lp["v_proj"], "v_proj", adapters, peft_cfg)
+    qs = peft_lib.dense(hs, lp["q_proj"], "q_proj", adapters, peft_cfg, _fold(dropout_rngs, 0))
+    ks = peft_lib.dense(hs, lp["k_proj"], "k_proj", adapters, peft_cfg, _fold(dropout_rngs, 1))
+    vs = peft_lib.dense(hs, lp["v_proj"], "v_proj", adapters, peft_cfg, _fold(dropout_rngs, 2))
     hd = cfg.head_dim
     qs = [q.reshape(*q.shape[:-1], cfg.num_heads, hd) for q in qs]
     ks = [k.reshape(*k.shape[:-1], cfg.num_kv_heads, hd) for k in ks]
@@ -179,7 +180,8 @@ def layer_qkv(lp, cfg: ModelConfig, xs: Sequence, positions: Sequence, adapters:
         ks = [norm(lp["k_norm"], k, cfg) for k in ks]
     inv_global = rope_inv_freq(cfg, cfg.rope_theta)
     if cfg.has_local_layers and cfg.rope_local_theta is not None:
-        inv_local = rope_inv_freq(cfg, cfg.rope_local_theta)
+        # Local layers use plain RoPE: rope_scaling applies to global layers only (as HF Gemma 3).
+        inv_local = rope_inv_freq(cfg.replace(rope_scaling=None), cfg.rope_local_theta)
         inv = jnp.where(is_local, jnp.asarray(inv_local), jnp.asarray(inv_global))
     else:
         inv = jnp.asarray(inv_global)
@@ -188,11 +190,15 @@ def layer_qkv(lp, cfg: ModelConfig, xs: Sequence, positions: Sequence, adapters:
     return hs, qs, ks, vs
 
 
+def _fold(rngs, i):
+    return None if rngs is None else [jax.random.fold_in(r, i) for r in rngs]
+
+
 def layer_finish(lp, cfg: ModelConfig, xs: Sequence, hs: Sequence, attn_outs: Sequence, adapters: Sequence,
-                 peft_cfg=None):
+                 peft_cfg=None, dropout_rngs=None):
     """Last step of a layer: output projection, MLP, residuals (per stream)."""
     flat = [a.reshape(*a.shape[:-2], -1) for a in attn_outs]
-    os_ = peft_lib.dense(flat, lp["o_proj"], "o_proj", adapters, peft_cfg)
+    os_ = peft_lib.dense(flat, lp["o_proj"], "o_proj", adapters, peft_cfg, _fold(dropout_rngs, 3))
     if cfg.sandwich_norm:
         os_ = [norm(lp["post_attn_norm"], o, cfg) for o in os_]
     if cfg.parallel_block:
@@ -202,13 +208,13 @@ def layer_finish(lp, cfg: ModelConfig, xs: Sequence, hs: Sequence, attn_outs: Se
         mids = [x + o for x, o in zip(xs, os_)]
         mlp_in = [norm(lp["mlp_norm"], m, cfg) for m in mids]
     if cfg.mlp_type == "gated":
-        gates = peft_lib.dense(mlp_in, lp["gate_proj"], "gate_proj", adapters, peft_cfg)
-        ups = peft_lib.dense(mlp_in, lp["up_proj"], "up_proj", adapters, peft_cfg)
+        gates = peft_lib.dense(mlp_in, lp["gate_proj"], "gate_proj", adapters, peft_cfg, _fold(dropout_rngs, 4))
+        ups = peft_lib.dense(mlp_in, lp["up_proj"], "up_proj", adapters, peft_cfg, _fold(dropout_rngs, 5))
         acts = [_act(g, cfg) * u for g, u in zip(gates, ups)]
     else:
-        ups = peft_lib.dense(mlp_in, lp["up_proj"], "up_proj", adapters, peft_cfg)
+        ups = peft_lib.dense(mlp_in, lp["up_proj"], "up_proj", adapters, peft_cfg, _fold(dropout_rngs, 5))
         acts = [_act(u, cfg) for u in ups]
-    downs = peft_lib.dense(acts, lp["down_proj"], "down_proj", adapters, peft_cfg)
+    downs = peft_lib.dense(acts, lp["down_proj"], "down_proj", adapters, peft_cfg, _fold(dropout_rngs, 6))
     if cfg.sandwich_norm:
         downs = [norm(lp["post_mlp_norm"], d, cfg) for d in downs]
     return [m + d for m, d in zip(mids, downs)]

@@ -1,0 +1,300 @@
+"""Bitune: two prefills, a per-layer key/value mix, and the answer pass.
+
+This module is the whole method (arXiv 2405.14862, DESIGN.md section 1).
+For a prompt ``x[0..L)`` and an answer ``y[0..M)``:
+
+1. the prefill span is ``x[0..L-1)``: every prompt token but the last;
+2. a causal pass over the span with adapter set C gives ``K_c, V_c`` per layer;
+3. a bidirectional pass over the span with adapter set B gives ``K_b, V_b``;
+4. per layer ``alpha = |theta| / (theta_init + |theta|)`` (float32) and
+   ``K = (1 - alpha_k) K_c + alpha_k K_b``, the same for V;
+5. the answer pass feeds ``[x[L-1], y[0..M-1)]`` at positions ``L-1 ..`` with
+   set C, attending to the mixed prefix and causally to itself; the loss is
+   the next-token NLL of ``y[0..M)``. (``y[M-1]`` predicts nothing, so it is
+   not fed.)
+
+The passes are fused layer-synchronously. One ``lax.scan`` over the layers
+carries three token streams (causal prompt, bidirectional prompt, answer).
+At each layer the base projections multiply all streams' tokens at once
+(``peft.dense``), each stream adds its own adapter set, the two prompt streams
+run one attention call as a doubled batch with their own masks, the mixed
+keys/values of this layer are formed, and the answer stream attends to them.
+No cache of all layers is ever held, and no logits are computed for prompt
+positions.
+
+Variants (``MethodConfig.variant``) only change which streams run, which
+adapter set and mask each uses, and whether the prefix is mixed:
+
+==================== ================================ ============== =====
+variant              prompt streams (mask, set)       answer set     mixed
+==================== ================================ ============== =====
+bitune               (causal, C), (bidirectional, B)  C              yes
+lora                 (causal, C)                      C              no
+naive_bidirectional  (bidirectional, C)               C              no
+no_mixing            (bidirectional, B)               C              no
+only_causal          (causal, C), (causal, B)         C              yes
+shared_weights       (causal, C), (bidirectional, C)  C              yes
+==================== ================================ ============== =====
+
+Trainable parameters are a dict ``{"causal": adapters, "bidir": adapters?,
+"mix": {"theta_k": [L], "theta_v": [L]}?}``; the frozen base parameters are
+passed separately and never differentiated.
+
+Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from bitune_jax.models.config import ModelConfig
+    >>> from bitune_jax.models.transformer import init_params
+    >>> cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32,
+    ...                   intermediate_size=64, num_layers=2, num_heads=4,
+    ...                   num_kv_heads=2, head_dim=8)
+    >>> base = init_params(jax.random.PRNGKey(0), cfg)
+    >>> method = MethodConfig(variant="bitune")
+    >>> trainable = init_trainable(jax.random.PRNGKey(1), cfg, method, base)
+    >>> batch = {"prompt_ids": jnp.array([[1, 2, 3, 4]]), "prompt_len": jnp.array([4]),
+    ...          "answer_ids": jnp.array([[5, 6]]), "answer_len": jnp.array([2])}
+    >>> loss, aux = loss_fn(trainable, base, cfg, method, batch)
+    >>> aux["num_tokens"].tolist()
+    [2]
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from bitune_jax.models import transformer as T
+from bitune_jax.models.config import ModelConfig
+from bitune_jax.peft import PeftConfig, init_adapters
+
+VARIANTS = ("bitune", "lora", "naive_bidirectional", "no_mixing", "only_causal", "shared_weights")
+
+# variant -> (prompt streams as (causal?, adapter set name), mixed?)
+_PLAN = {
+    "bitune": (((True, "causal"), (False, "bidir")), True),
+    "lora": (((True, "causal"),), False),
+    "naive_bidirectional": (((False, "causal"),), False),
+    "no_mixing": (((False, "bidir"),), False),
+    "only_causal": (((True, "causal"), (True, "bidir")), True),
+    "shared_weights": (((True, "causal"), (False, "causal")), True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Which Bitune variant, which adapters, and the mixing initialisation."""
+
+    variant: str = "bitune"
+    peft: PeftConfig = PeftConfig()
+    theta_init: float = 0.01
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"method.variant={self.variant!r}; allowed: {VARIANTS}")
+        if not self.theta_init > 0:
+            raise ValueError(f"method.theta_init={self.theta_init}; must be > 0")
+
+    @property
+    def prompt_streams(self):
+        return _PLAN[self.variant][0]
+
+    @property
+    def mixed(self) -> bool:
+        return _PLAN[self.variant][1]
+
+    @property
+    def adapter_sets(self):
+        """Names of the adapter sets this variant trains."""
+        names = {"causal"} | {s for _, s in self.prompt_streams}
+        return tuple(n for n in ("causal", "bidir") if n in names)
+
+
+def init_trainable(rng, cfg: ModelConfig, method: MethodConfig, base_params=None):
+    """Fresh adapter sets (and mixing coefficients) for ``method``."""
+    out = {}
+    for i, name in enumerate(method.adapter_sets):
+        out[name] = init_adapters(jax.random.fold_in(rng, i), cfg, method.peft, base_params)
+    if method.mixed:
+        theta = jnp.full((cfg.num_layers,), method.theta_init, jnp.float32)
+        out["mix"] = {"theta_k": theta, "theta_v": theta}
+    return out
+
+
+def mix_alpha(theta, theta_init: float):
+    """``|theta| / (theta_init + |theta|)`` in float32."""
+    a = jnp.abs(theta.astype(jnp.float32))
+    return a / (theta_init + a)
+
+
+def mix(x_c, x_b, theta, theta_init: float):
+    """``(1 - alpha) x_c + alpha x_b`` computed in float32, cast back to ``x_c``'s dtype."""
+    alpha = mix_alpha(theta, theta_init)
+    out = (1.0 - alpha) * x_c.astype(jnp.float32) + alpha * x_b.astype(jnp.float32)
+    return out.astype(x_c.dtype)
+
+
+class Streams(NamedTuple):
+    """Token blocks derived from a padded batch (see :func:`make_streams`)."""
+
+    pre_tokens: jax.Array  # [B, S] prefill span, S = max(P - 1, 1)
+    pre_pos: jax.Array  # [B, S]
+    pre_valid: jax.Array  # [B, S]
+    ans_tokens: jax.Array  # [B, A] = [x[L-1], y[0..A-1)]
+    ans_pos: jax.Array  # [B, A]
+    ans_valid: jax.Array  # [B, A]
+    targets: jax.Array  # [B, A] = y
+
+
+def make_streams(batch) -> Streams:
+    """Splits a padded batch into the prefill span and the answer stream.
+
+    ``batch``: ``prompt_ids [B, P]``, ``prompt_len [B]``, ``answer_ids [B, A]``,
+    ``answer_len [B]`` (right padded).
+    """
+    prompt, plen = batch["prompt_ids"], batch["prompt_len"].astype(jnp.int32)
+    answer, alen = batch["answer_ids"], batch["answer_len"].astype(jnp.int32)
+    b, p = prompt.shape
+    a = answer.shape[1]
+    s = max(p - 1, 1)
+    pre_tokens = prompt[:, :s] if p > 1 else jnp.zeros((b, 1), prompt.dtype)
+    pre_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    pre_valid = pre_pos < (plen - 1)[:, None]
+    last = jnp.take_along_axis(prompt, (plen - 1)[:, None], axis=1)  # [B, 1]
+    ans_tokens = jnp.concatenate([last, answer[:, : a - 1]], axis=1).astype(jnp.int32)
+    ans_pos = (plen - 1)[:, None] + jnp.arange(a, dtype=jnp.int32)[None]
+    ans_valid = jnp.arange(a)[None] < alen[:, None]
+    return Streams(pre_tokens.astype(jnp.int32), pre_pos, pre_valid, ans_tokens, ans_pos, ans_valid,
+                   answer.astype(jnp.int32))
+
+
+def _remat(fn, policy: str):
+    if policy in (None, "none", False):
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"remat={policy!r}; allowed: none, full, dots")
+
+
+def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Streams, *, with_answer: bool = True,
+                return_prefix: bool = False, remat: str = "none", attn_impl: str = "reference", dropout_rng=None):
+    """The fused layer loop.
+
+    Returns ``(answer_hidden or None, prefix or None)`` where ``answer_hidden``
+    is ``[B, A, d]`` before the final norm and ``prefix`` is the (mixed)
+    prefill cache :class:`~bitune_jax.models.transformer.KV`
+    ``[layers, B, S, kv_heads, hd]`` (only with ``return_prefix``).
+    """
+    streams = method.prompt_streams
+    n_pre = len(streams)
+    b, s = st.pre_tokens.shape
+    peft_cfg = method.peft
+
+    # Masks, built once. Prompt streams: one doubled batch [n_pre * B, S, S].
+    pre_masks, pre_local = [], []
+    for causal, _ in streams:
+        m, lm = T.build_masks(cfg, st.pre_pos, st.pre_pos, st.pre_valid, st.pre_valid, causal=causal)
+        pre_masks.append(m)
+        pre_local.append(lm)
+    pre_mask = jnp.concatenate(pre_masks, axis=0)
+    pre_local_mask = jnp.concatenate(pre_local, axis=0) if cfg.has_local_layers else None
+    if with_answer:
+        k_pos = jnp.concatenate([st.pre_pos, st.ans_pos], axis=1)
+        k_valid = jnp.concatenate([st.pre_valid, st.ans_valid], axis=1)
+        ans_mask, ans_local = T.build_masks(cfg, st.ans_pos, k_pos, st.ans_valid, k_valid, causal=True)
+
+    x_pre = T.embed(base, cfg, st.pre_tokens)
+    xs = [x_pre] * n_pre
+    positions = [st.pre_pos] * n_pre
+    if with_answer:
+        xs.append(T.embed(base, cfg, st.ans_tokens))
+        positions.append(st.ans_pos)
+
+    mix_params = trainable.get("mix") if method.mixed else None
+    layer_inputs = (base["layers"], {k: v for k, v in trainable.items() if k != "mix"}, mix_params,
+                    T.layer_flags(cfg), jnp.arange(cfg.num_layers))
+
+    def body(xs, layer):
+        lp, sets, mixp, is_local, idx = layer
+        ads = [sets[name] for _, name in streams] + ([sets["causal"]] if with_answer else [])
+        rngs = None
+        if dropout_rng is not None:
+            lr = jax.random.fold_in(dropout_rng, idx)
+            rngs = [jax.random.fold_in(lr, i) for i in range(len(xs))]
+        hs, qs, ks, vs = T.layer_qkv(lp, cfg, xs, positions, ads, peft_cfg, is_local, dropout_rngs=rngs)
+        # Both prompt streams in one attention call over the doubled batch.
+        q2, k2, v2 = (jnp.concatenate(t[:n_pre], axis=0) for t in (qs, ks, vs))
+        o2 = T.attend(cfg, q2, k2, v2, pre_mask, pre_local_mask, is_local, attn_impl)
+        outs = list(jnp.split(o2, n_pre, axis=0))
+        if method.mixed:
+            k_pre = mix(ks[0], ks[1], mixp["theta_k"], method.theta_init)
+            v_pre = mix(vs[0], vs[1], mixp["theta_v"], method.theta_init)
+        else:
+            k_pre, v_pre = ks[0], vs[0]
+        if with_answer:
+            k_all = jnp.concatenate([k_pre, ks[-1]], axis=1)
+            v_all = jnp.concatenate([v_pre, vs[-1]], axis=1)
+            outs.append(T.attend(cfg, qs[-1], k_all, v_all, ans_mask, ans_local, is_local, attn_impl))
+        xs = T.layer_finish(lp, cfg, xs, hs, outs, ads, peft_cfg, dropout_rngs=rngs)
+        return xs, ((k_pre, v_pre) if return_prefix else None)
+
+    xs, kv = jax.lax.scan(_remat(body, remat), xs, layer_inputs)
+    prefix = T.KV(*kv) if return_prefix else None
+    return (xs[-1] if with_answer else None), prefix
+
+
+def answer_nll(trainable, base, cfg: ModelConfig, method: MethodConfig, batch, **kw):
+    """Per-example answer NLL terms: ``(nll_sum [B], num_tokens [B])`` (float32, int32)."""
+    st = make_streams(batch)
+    h, _ = run_streams(trainable, base, cfg, method, st, **kw)
+    logits = T.unembed(base, cfg, h)  # [B, A, V] float32
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, st.targets[..., None], axis=-1)[..., 0]
+    nll = jnp.where(st.ans_valid, logz - tgt, 0.0)
+    return nll.sum(-1), st.ans_valid.sum(-1).astype(jnp.int32)
+
+
+def loss_fn(trainable, base, cfg: ModelConfig, method: MethodConfig, batch, **kw):
+    """Mean over examples of each example's mean answer-token NLL.
+
+    Examples with ``answer_len == 0`` (batch padding) get weight zero, so a
+    batch gives the same number as averaging its examples one by one.
+    Returns ``(loss, {"nll_sum", "num_tokens"})``.
+    """
+    nll_sum, n = answer_nll(trainable, base, cfg, method, batch, **kw)
+    real = n > 0
+    per_example = nll_sum / jnp.maximum(n, 1)
+    loss = jnp.sum(jnp.where(real, per_example, 0.0)) / jnp.maximum(real.sum(), 1)
+    return loss, {"nll_sum": nll_sum, "num_tokens": n}
+
+
+class Prefix(NamedTuple):
+    """A prefilled (mixed) cache ready for answer decoding or scoring."""
+
+    kv: T.KV  # [layers, B, S, kv_heads, hd]
+    positions: jax.Array  # [B, S]
+    valid: jax.Array  # [B, S]
+    last_token: jax.Array  # [B]: x[L-1], the first token the answer pass feeds
+    next_pos: jax.Array  # [B]: L-1, its position
+
+
+def prefill(trainable, base, cfg: ModelConfig, method: MethodConfig, prompt_ids, prompt_len, **kw) -> Prefix:
+    """Runs the variant's prefill over ``prompt_ids[:, :L-1]`` and returns the mixed cache.
+
+    Continue with ``transformer.forward(base, cfg, tokens, positions=...,
+    prefix_kv=prefix.kv, prefix_positions=prefix.positions,
+    prefix_valid=prefix.valid, adapters=trainable["causal"], peft_cfg=method.peft)``
+    starting from ``prefix.last_token`` at ``prefix.next_pos``. With
+    ``trainable=None`` (no adapters) it is the plain model's causal prefill.
+    """
+    b = prompt_ids.shape[0]
+    dummy = {"prompt_ids": prompt_ids, "prompt_len": prompt_len,
+             "answer_ids": jnp.zeros((b, 1), jnp.int32), "answer_len": jnp.ones((b,), jnp.int32)}
+    st = make_streams(dummy)
+    if trainable is None:
+        trainable, method = {"causal": None}, MethodConfig(variant="lora", peft=method.peft if method else PeftConfig())
+    _, kv = run_streams(trainable, base, cfg, method, st, with_answer=False, return_prefix=True, **kw)
+    return Prefix(kv, st.pre_pos, st.pre_valid, st.ans_tokens[:, 0], st.ans_pos[:, 0])
