@@ -117,8 +117,9 @@ def init_trainable(rng, cfg: ModelConfig, method: MethodConfig, base_params=None
     for i, name in enumerate(method.adapter_sets):
         out[name] = init_adapters(jax.random.fold_in(rng, i), cfg, method.peft, base_params)
     if method.mixed:
-        theta = jnp.full((cfg.num_layers,), method.theta_init, jnp.float32)
-        out["mix"] = {"theta_k": theta, "theta_v": theta}
+        # Two distinct buffers (not one shared array), so a donating step can own both.
+        out["mix"] = {"theta_k": jnp.full((cfg.num_layers,), method.theta_init, jnp.float32),
+                      "theta_v": jnp.full((cfg.num_layers,), method.theta_init, jnp.float32)}
     return out
 
 
