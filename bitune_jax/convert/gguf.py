@@ -1,0 +1,284 @@
+"""Import GGUF files (llama.cpp format) without PyTorch.
+
+Every tensor is dequantized to float32 numpy with ``gguf.quants.dequantize``
+(F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, K-quants, ...), an HF-style config dict
+is rebuilt from the GGUF metadata, and the parameter tree is assembled by the
+same generic code as the safetensors importer, walking the family's weight map
+(``bitune_jax.models.families``) with the ``gguf`` key of each ``WeightSpec``.
+
+    >>> params, cfg = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # doctest: +SKIP
+
+What differs between GGUF architectures lives in one table, ``GGUF_ARCHS``
+(GGUF ``general.architecture`` -> :class:`GgufArch`); adding a family that the
+model code supports means adding one entry there (and, if its metadata or
+tensors need it, a config hook or a tensor fix-up in that entry).
+
+Layout notes:
+
+* A GGUF tensor's dims are listed fastest-first (``[in, out]`` for a matrix);
+  the reader's data and ``dequantize`` give the numpy (row-major) shape, which
+  is the HF ``[out, in]`` layout. We reshape to ``reversed(tensor.shape)`` so
+  this holds for every quantization type.
+* llama.cpp's converter permutes the rows of the Q and K projections (weights
+  and biases) of ``llama`` models for its interleaved RoPE; they are
+  un-permuted here, per head, back to HF's rotate-half layout. ``qwen2`` GGUF
+  files are not permuted.
+* llama-3 RoPE scaling is stored as a ``rope_freqs.weight`` tensor of
+  per-frequency divisors; we recover the ``("llama3", ...)`` parameters that
+  reproduce it exactly or refuse the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from bitune_jax.convert.common import assemble, ModelFileError
+from bitune_jax.models import families
+from bitune_jax.models.families import UnsupportedModelError
+
+__all__ = ["load_gguf", "gguf_chat_template", "gguf_hf_config", "GgufArch", "GGUF_ARCHS", "GgufTensorReader"]
+
+
+# --------------------------------------------------------------------------- per-architecture table
+@dataclasses.dataclass(frozen=True)
+class GgufArch:
+    """What is specific to one GGUF ``general.architecture``.
+
+    ``model_type``: the HF ``model_type`` handed to ``families.config_from_hf``.
+    ``permute_qk``: Q/K rows were permuted by llama.cpp's converter (llama).
+    ``config_hook``: optional ``(meta, hf_dict) -> None`` adding family-specific
+    keys to the HF-style config (``meta`` is a :class:`_Meta`).
+    ``fix_tensor``: optional ``(key, array, hf_dict) -> array`` applied to every
+    tensor read (e.g. undoing a storage convention).
+    """
+
+    model_type: str
+    permute_qk: bool = False
+    config_hook: Optional[Callable] = None
+    fix_tensor: Optional[Callable] = None
+
+
+GGUF_ARCHS: Dict[str, GgufArch] = {
+    "llama": GgufArch("llama", permute_qk=True),
+    "qwen2": GgufArch("qwen2", permute_qk=False),
+}
+
+
+# --------------------------------------------------------------------------- metadata
+class _Meta:
+    """Typed access to GGUF key/value metadata."""
+
+    def __init__(self, reader, source: str):
+        self.fields = reader.fields
+        self.source = source
+
+    def has(self, key: str) -> bool:
+        return key in self.fields
+
+    def get(self, key: str, default=None):
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        return f.contents()
+
+    def require(self, key: str):
+        if key not in self.fields:
+            raise ModelFileError(f"{self.source}: GGUF metadata key {key!r} is missing")
+        return self.fields[key].contents()
+
+    def array_len(self, key: str) -> Optional[int]:
+        f = self.fields.get(key)
+        return None if f is None else len(f.data)
+
+
+def _open(path: str):
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ModelFileError(f"GGUF file {path!r} does not exist")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # bad magic, truncated file, ...
+        raise ModelFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _arch_of(meta: _Meta) -> tuple:
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise ModelFileError(f"{meta.source}: GGUF metadata has no 'general.architecture'")
+    if arch not in GGUF_ARCHS:
+        raise UnsupportedModelError(
+            f"{meta.source}: GGUF architecture {arch!r} is not supported; supported: {sorted(GGUF_ARCHS)}")
+    return arch, GGUF_ARCHS[arch]
+
+
+def _llama3_from_rope_freqs(factors: np.ndarray, theta: float, head_dim: int, source: str):
+    """Finds llama-3 scaling parameters that reproduce llama.cpp's ``rope_freqs`` divisors."""
+    from bitune_jax.models.config import ModelConfig
+    from bitune_jax.models.transformer import rope_inv_freq
+
+    factors = np.asarray(factors, np.float32).reshape(-1)
+    base = ModelConfig(family="llama", vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1,
+                       num_heads=1, num_kv_heads=1, head_dim=head_dim, rope_theta=theta)
+    if factors.shape != (head_dim // 2,):
+        raise ModelFileError(f"{source}: rope_freqs.weight has shape {factors.shape}, expected ({head_dim // 2},)")
+    if np.allclose(factors, 1.0):
+        return None
+    plain = rope_inv_freq(base, theta)
+    factor = float(factors.max())
+    for old in (8192.0, 4096.0, 2048.0, 16384.0, 32768.0, 131072.0):
+        for low in (1.0, 2.0, 0.5):
+            for high in (4.0, 8.0, 2.0):
+                if high <= low:
+                    continue
+                sc = ("llama3", factor, low, high, old)
+                got = plain / rope_inv_freq(base.replace(rope_scaling=sc), theta)
+                if np.allclose(got, factors, rtol=1e-4, atol=1e-5):
+                    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                            "high_freq_factor": high, "original_max_position_embeddings": old}
+    raise UnsupportedModelError(f"{source}: rope_freqs.weight holds per-frequency RoPE factors that match no "
+                                f"llama-3 scaling with standard parameters; not supported")
+
+
+def _f32(x) -> float:
+    """A float32 metadata value as the decimal it was written from (9.9999997e-06 -> 1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def gguf_hf_config(reader, source: str) -> dict:
+    """An HF ``config.json``-style dict rebuilt from a GGUF file's metadata.
+
+    ``reader`` is an open ``gguf.GGUFReader``.
+    """
+    meta = _Meta(reader, source)
+    arch, spec = _arch_of(meta)
+    a = arch + "."
+    tensors = {t.name: t for t in reader.tensors}
+    d = int(meta.require(a + "embedding_length"))
+    heads = int(meta.require(a + "attention.head_count"))
+    kv_heads = meta.get(a + "attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per-layer list in some files
+        if len(set(kv_heads)) != 1:
+            raise UnsupportedModelError(f"{source}: per-layer KV head counts {sorted(set(kv_heads))} are not supported")
+        kv_heads = kv_heads[0]
+    head_dim = int(meta.get(a + "attention.key_length", d // heads))
+    v_dim = int(meta.get(a + "attention.value_length", head_dim))
+    if v_dim != head_dim:
+        raise UnsupportedModelError(f"{source}: key length {head_dim} != value length {v_dim}; not supported")
+    rope_dim = meta.get(a + "rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise UnsupportedModelError(
+            f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head_dim={head_dim}) is not supported for {arch}")
+    # Vocabulary: the embedding's rows are authoritative (the token list may be shorter if padded).
+    if "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[-1])
+    else:
+        vocab = meta.get(a + "vocab_size") or meta.array_len("tokenizer.ggml.tokens")
+        if vocab is None:
+            raise ModelFileError(f"{source}: cannot tell the vocabulary size (no token_embd.weight, no token list)")
+    theta = _f32(meta.get(a + "rope.freq_base", 10000.0))
+    hf = {
+        "model_type": spec.model_type,
+        "vocab_size": int(vocab),
+        "hidden_size": d,
+        "intermediate_size": int(meta.require(a + "feed_forward_length")),
+        "num_hidden_layers": int(meta.require(a + "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": head_dim,
+        "rope_theta": theta,
+        "rms_norm_eps": _f32(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(meta.get(a + "context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "hidden_act": "silu",
+    }
+    if any(n.startswith("blk.0.attn_output.bias") for n in tensors):
+        hf["attention_bias"] = True
+    if any(n.startswith("blk.0.ffn_down.bias") for n in tensors):
+        hf["mlp_bias"] = True
+    # RoPE scaling: metadata (linear, yarn, ...) or a llama-3 rope_freqs tensor.
+    kind = meta.get(a + "rope.scaling.type")
+    if kind not in (None, "none"):
+        if kind == "linear":
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": _f32(meta.require(a + "rope.scaling.factor"))}
+        else:
+            raise UnsupportedModelError(f"{source}: RoPE scaling type {kind!r} is not supported; allowed: linear, "
+                                        f"llama3 (rope_freqs tensor)")
+    if "rope_freqs.weight" in tensors:
+        if "rope_scaling" in hf:
+            raise UnsupportedModelError(f"{source}: both rope.scaling.type and rope_freqs.weight; not supported")
+        rs = _llama3_from_rope_freqs(_dequantize(tensors["rope_freqs.weight"]), theta, head_dim, source)
+        if rs is not None:
+            hf["rope_scaling"] = rs
+    if spec.config_hook is not None:
+        spec.config_hook(meta, hf)
+    return hf
+
+
+# --------------------------------------------------------------------------- tensors
+def _dequantize(t) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    arr = dequantize(t.data, t.tensor_type)
+    shape = tuple(int(s) for s in reversed(t.shape))
+    return np.asarray(arr, dtype=np.float32).reshape(shape)
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes llama.cpp's per-head Q/K row permutation (on ``[out, in]`` weights or ``[out]`` biases)."""
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GgufTensorReader:
+    """``has(key)`` / ``get(key) -> float32 ndarray`` (HF ``[out, in]`` layout) over a GGUF file."""
+
+    def __init__(self, reader, arch: GgufArch, hf: dict):
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.arch = arch
+        self.hf = hf
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def get(self, key: str) -> np.ndarray:
+        w = _dequantize(self.tensors[key])
+        if self.arch.permute_qk:
+            if ".attn_q." in key:
+                w = unpermute_rows(w, self.hf["num_attention_heads"])
+            elif ".attn_k." in key:
+                w = unpermute_rows(w, self.hf["num_key_value_heads"])
+        if self.arch.fix_tensor is not None:
+            w = self.arch.fix_tensor(key, w, self.hf)
+        return w
+
+
+# --------------------------------------------------------------------------- entry points
+def load_gguf(path: str, dtype: str = "float32"):
+    """Loads a ``.gguf`` file.
+
+    Returns ``(params, cfg)``; every tensor is dequantized to float32 and the
+    parameters are then cast to ``dtype`` ("float32" or "bfloat16");
+    ``cfg.dtype`` is set accordingly. Raises ``ModelFileError`` (missing or
+    malformed file, missing tensor or metadata, shape mismatch; named) or
+    ``UnsupportedModelError`` (architecture or feature not implemented).
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}; allowed: float32, bfloat16")
+    reader = _open(path)
+    hf = gguf_hf_config(reader, path)
+    _, arch = _arch_of(_Meta(reader, path))
+    cfg = families.config_from_hf(hf, source=path).replace(dtype=dtype)
+    fam = families.family_of_config(cfg)
+    params = assemble(cfg, fam.weight_map(cfg), GgufTensorReader(reader, arch, hf), scheme="gguf", source=path)
+    return params, cfg
+
+
+def gguf_chat_template(path: str) -> Optional[str]:
+    """The ``tokenizer.chat_template`` stored in a GGUF file, or None."""
+    meta = _Meta(_open(path), path)
+    tpl = meta.get("tokenizer.chat_template")
+    return tpl if isinstance(tpl, str) and tpl else None
