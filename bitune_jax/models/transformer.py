@@ -128,7 +128,9 @@ def _act(x, cfg: ModelConfig):
 
 
 def embed(params, cfg: ModelConfig, tokens):
-    x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype(cfg))
+    # Ids are validated where data enters; clipping keeps padding garbage from turning into NaNs
+    # (a NaN value at a masked key would still poison the attention sum: 0 * NaN = NaN).
+    x = jnp.take(params["embed"], tokens, axis=0, mode="clip").astype(compute_dtype(cfg))
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     return x

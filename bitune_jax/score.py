@@ -1,0 +1,161 @@
+"""Answer log-likelihoods of (prompt, answer) rows: the library side of ``bitune-jax score``.
+
+Each input row is either ``{"prompt_ids": [...], "answer_ids": [...]}`` (used
+exactly as given) or ``{"prompt": "...", "answer": "..."}`` (tokenized with
+``bitune_jax.text.encode_pair``: the training rule, EOS appended to the answer
+unless ``add_eos=False``). Each output row is the input row plus ``nll_sum``
+(sum of the answer tokens' negative log-likelihoods, nats) and ``num_tokens``.
+
+The numbers are exactly the training loss terms: scoring runs the same fused
+Bitune forward (``bitune.answer_nll``) as the train step, with the base model
+alone, a plain LoRA adapter, or a Bitune adapter pair and any variant.
+
+Example:
+
+    >>> rows = [{"prompt_ids": [1, 2, 3], "answer_ids": [4, 5]}]   # doctest: +SKIP
+    >>> score_rows(load_model("model.gguf"), rows)                   # doctest: +SKIP
+    [{'prompt_ids': [1, 2, 3], 'answer_ids': [4, 5], 'nll_sum': 7.1, 'num_tokens': 2}]
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from typing import Iterable, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitune_jax import bitune
+from bitune_jax.text import encode_pair
+
+
+class DataError(ValueError):
+    """An input data file or row is malformed (the message names file and line)."""
+
+
+def read_jsonl(path: str) -> List[dict]:
+    """Reads a JSONL file; errors name the file and the 1-based line number."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason})") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
+    """Writes rows to ``path`` through a temporary file, so a failure leaves no partial file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def encode_rows(rows: List[dict], tokenizer, vocab_size: int, *, add_eos: bool = True, source: str = "<rows>"):
+    """(prompt_ids, answer_ids) per row, validated. Errors name the source and 1-based row."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        where = f"{source}: row {n}"
+        if "prompt_ids" in row or "answer_ids" in row:
+            p, a = row.get("prompt_ids"), row.get("answer_ids")
+            for key, ids in (("prompt_ids", p), ("answer_ids", a)):
+                if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                                   for t in ids):
+                    raise DataError(f"{where}: {key!r} must be a non-empty list of integers")
+                bad = [t for t in ids if not 0 <= t < vocab_size]
+                if bad:
+                    raise DataError(f"{where}: {key!r} has ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        elif "prompt" in row and "answer" in row:
+            if not isinstance(row["prompt"], str) or not isinstance(row["answer"], str):
+                raise DataError(f"{where}: 'prompt' and 'answer' must be strings")
+            if tokenizer is None:
+                raise DataError(f"{where}: text rows need a tokenizer")
+            p, a = encode_pair(tokenizer, row["prompt"], row["answer"], add_eos=add_eos)
+            if not p or not a:
+                raise DataError(f"{where}: prompt or answer tokenizes to nothing")
+        else:
+            raise DataError(f"{where}: needs either 'prompt_ids' and 'answer_ids', or 'prompt' and 'answer' "
+                            f"(got keys {sorted(row)})")
+        out.append((p, a))
+    return out
+
+
+def _bucket(n: int, bucket: int) -> int:
+    return max(bucket, -(-n // bucket) * bucket)
+
+
+def pad_examples(examples, bucket: int = 32, batch_size: Optional[int] = None):
+    """Right-pads (prompt_ids, answer_ids) pairs into a batch dict (lengths rounded up to ``bucket``).
+
+    With ``batch_size`` larger than ``len(examples)`` the batch is filled with
+    empty examples (``answer_len`` 0), which carry no weight in the loss.
+    """
+    n = len(examples)
+    b = batch_size or n
+    p = _bucket(max(len(x[0]) for x in examples), bucket)
+    a = _bucket(max(len(x[1]) for x in examples), bucket)
+    batch = {"prompt_ids": np.zeros((b, p), np.int32), "prompt_len": np.ones((b,), np.int32),
+             "answer_ids": np.zeros((b, a), np.int32), "answer_len": np.zeros((b,), np.int32)}
+    for i, (pi, ai) in enumerate(examples):
+        batch["prompt_ids"][i, :len(pi)] = pi
+        batch["prompt_len"][i] = len(pi)
+        batch["answer_ids"][i, :len(ai)] = ai
+        batch["answer_len"][i] = len(ai)
+    return batch
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method"))
+def _nll(trainable, base, batch, cfg, method):
+    return bitune.answer_nll(trainable, base, cfg, method, batch)
+
+
+def score_examples(base, cfg, examples, trainable=None, method: Optional[bitune.MethodConfig] = None,
+                   batch_size: int = 8, bucket: int = 32, progress: bool = False):
+    """``[(nll_sum, num_tokens)]`` for (prompt_ids, answer_ids) pairs, in input order."""
+    if trainable is None:
+        trainable, method = {"causal": None}, bitune.MethodConfig(variant="lora")
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), len(examples[i][1])))
+    results = [None] * len(examples)
+    it = range(0, len(order), batch_size)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="score", unit="batch")
+    for start in it:
+        idx = order[start:start + batch_size]
+        batch = pad_examples([examples[i] for i in idx], bucket, batch_size)
+        nll, n = _nll(trainable, base, jax.tree_util.tree_map(jnp.asarray, batch), cfg, method)
+        nll, n = np.asarray(nll), np.asarray(n)
+        for j, i in enumerate(idx):
+            results[i] = (float(nll[j]), int(n[j]))
+    return results
+
+
+def score_rows(model, rows: List[dict], *, trainable=None, method=None, add_eos: bool = True, batch_size: int = 8,
+               source: str = "<rows>", progress: bool = False) -> List[dict]:
+    """Scores rows with a :class:`bitune_jax.convert.LoadedModel`; returns rows with ``nll_sum``/``num_tokens``."""
+    examples = encode_rows(rows, model.tokenizer, model.cfg.vocab_size, add_eos=add_eos, source=source)
+    scores = score_examples(model.params, model.cfg, examples, trainable, method, batch_size=batch_size,
+                            progress=progress)
+    return [{**row, "nll_sum": s, "num_tokens": n} for row, (s, n) in zip(rows, scores)]
