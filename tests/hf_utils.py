@@ -20,8 +20,33 @@ def tiny_hf_model(kind: str, out_dir: str, seed: int = 0, **overrides):
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "gemma":
+        cfg = transformers.GemmaConfig(**{**common, "num_key_value_heads": 1, "head_dim": 32,
+                                          "hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+                                          "rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+                                          **overrides})
+        model = transformers.GemmaForCausalLM(cfg)
+    elif kind == "gemma3":
+        # Local (sliding-window) and global layers with their own RoPE bases, linear
+        # scaling on the global layers, query_pre_attn_scalar != head_dim and a final
+        # softcap small enough to bite on a tiny random model.
+        kw = {**common, "num_hidden_layers": 4, "num_key_value_heads": 1, "head_dim": 32,
+              "sliding_window": 4, "query_pre_attn_scalar": 24, "final_logit_softcapping": 0.3,
+              "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+              "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}},
+              **overrides}
+        cfg = transformers.Gemma3TextConfig(**kw)
+        model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "phi":
+        cfg = transformers.PhiConfig(**{**common, "num_key_value_heads": 4, "hidden_act": "gelu_new",
+                                        "rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
+                                                            "partial_rotary_factor": 0.5},
+                                        **overrides})
+        model = transformers.PhiForCausalLM(cfg)
     else:
         raise ValueError(kind)
+    model.config._attn_implementation = "eager"
     # Random init leaves norms at 1 and biases at 0; perturb them so the test sees them.
     with torch.no_grad():
         for name, p in model.named_parameters():

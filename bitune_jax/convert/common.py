@@ -51,11 +51,11 @@ def assemble(cfg, specs, reader, *, scheme: str, source: str):
         for k in keys:
             if not reader.has(k):
                 raise ModelFileError(f"{source}: tensor {k!r} is missing")
-            a = _transform(np.asarray(reader.get(k)), spec.transform)
+            a = _transform(np.asarray(reader.get(k)), spec.transform_for(scheme))
             want = expected[1:] if spec.layer else expected
             if tuple(a.shape) != tuple(want):
                 raise ModelFileError(
-                    f"{source}: tensor {k!r} has shape {tuple(a.shape)} after {spec.transform!r}, "
+                    f"{source}: tensor {k!r} has shape {tuple(a.shape)} after {spec.transform_for(scheme)!r}, "
                     f"expected {tuple(want)} for {'/'.join(spec.path)}")
             arrays.append(a.astype(np.float32) if a.dtype != np.float32 else a)
         value = np.stack(arrays) if spec.layer else arrays[0]

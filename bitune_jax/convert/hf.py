@@ -82,5 +82,6 @@ def load_hf(model_dir: str, dtype: str = "float32"):
     cfg = families.config_from_hf(hf, source=os.path.join(model_dir, "config.json")).replace(dtype=dtype)
     fam = families.family_of_config(cfg)
     reader = _SafetensorsReader(_weight_files(model_dir))
-    params = assemble(cfg, fam.weight_map(cfg), reader, scheme="hf", source=model_dir)
+    specs = families.resolve_hf_layout(fam, fam.weight_map(cfg), reader.has)
+    params = assemble(cfg, specs, reader, scheme="hf", source=model_dir)
     return params, cfg

@@ -47,7 +47,9 @@ class ModelConfig:
     # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos)
     # or ("linear", factor); None for plain RoPE.
     rope_scaling: Optional[Tuple] = None
-    rope_local_theta: Optional[float] = None  # Gemma 3 sliding layers
+    # Gemma 3: RoPE base of the sliding-window layers, which use plain (unscaled)
+    # RoPE; rope_theta and rope_scaling then apply to the global layers only.
+    rope_local_theta: Optional[float] = None
     partial_rotary_factor: float = 1.0
     tie_embeddings: bool = True
     qkv_bias: bool = False
