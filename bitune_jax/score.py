@@ -29,31 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import bitune
+from bitune_jax import data as data_lib
+from bitune_jax.data import DataError
 from bitune_jax.text import encode_pair
 
 
-class DataError(ValueError):
-    """An input data file or row is malformed (the message names file and line)."""
-
-
 def read_jsonl(path: str) -> List[dict]:
-    """Reads a JSONL file; errors name the file and the 1-based line number."""
+    """Reads a JSONL file for scoring; any undecodable line is an error naming file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason})") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for raw in data_lib.read_rows(path):
+        if raw.fields is None:
+            raise DataError(f"{raw.where}: {raw.problem}")
+        rows.append(dict(raw.fields))
     return rows
 
 
@@ -103,30 +92,6 @@ def encode_rows(rows: List[dict], tokenizer, vocab_size: int, *, add_eos: bool =
     return out
 
 
-def _bucket(n: int, bucket: int) -> int:
-    return max(bucket, -(-n // bucket) * bucket)
-
-
-def pad_examples(examples, bucket: int = 32, batch_size: Optional[int] = None):
-    """Right-pads (prompt_ids, answer_ids) pairs into a batch dict (lengths rounded up to ``bucket``).
-
-    With ``batch_size`` larger than ``len(examples)`` the batch is filled with
-    empty examples (``answer_len`` 0), which carry no weight in the loss.
-    """
-    n = len(examples)
-    b = batch_size or n
-    p = _bucket(max(len(x[0]) for x in examples), bucket)
-    a = _bucket(max(len(x[1]) for x in examples), bucket)
-    batch = {"prompt_ids": np.zeros((b, p), np.int32), "prompt_len": np.ones((b,), np.int32),
-             "answer_ids": np.zeros((b, a), np.int32), "answer_len": np.zeros((b,), np.int32)}
-    for i, (pi, ai) in enumerate(examples):
-        batch["prompt_ids"][i, :len(pi)] = pi
-        batch["prompt_len"][i] = len(pi)
-        batch["answer_ids"][i, :len(ai)] = ai
-        batch["answer_len"][i] = len(ai)
-    return batch
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
 def _nll(trainable, base, batch, cfg, method):
     return bitune.answer_nll(trainable, base, cfg, method, batch)
@@ -145,7 +110,10 @@ def score_examples(base, cfg, examples, trainable=None, method: Optional[bitune.
         it = tqdm(it, desc="score", unit="batch")
     for start in it:
         idx = order[start:start + batch_size]
-        batch = pad_examples([examples[i] for i in idx], bucket, batch_size)
+        # A short last batch is filled with copies of its first example (results dropped), so every
+        # batch has the same size and shapes only change with the length bucket.
+        chunk = [examples[i] for i in idx]
+        batch = data_lib.collate(chunk + [chunk[0]] * (batch_size - len(chunk)), bucket)
         nll, n = _nll(trainable, base, jax.tree_util.tree_map(jnp.asarray, batch), cfg, method)
         nll, n = np.asarray(nll), np.asarray(n)
         for j, i in enumerate(idx):

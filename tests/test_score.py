@@ -68,8 +68,8 @@ def test_score_text_rows_use_training_tokenization(tmp_path):
     ('{"prompt_ids": [1, 2], "answer_ids": []}', "answer_ids"),
     ('{"prompt_ids": [1, 2], "answer_ids": [1000]}', "outside the vocabulary"),
     ('{"prompt": "x"}', "needs either"),
-    ('{"prompt_ids": [1, 2], "answer_ids": [3]', "not valid JSON"),
-    ('[1, 2, 3]', "JSON object"),
+    ('{"prompt_ids": [1, 2], "answer_ids": [3]', "invalid JSON"),
+    ('[1, 2, 3]', "not an object"),
 ])
 def test_malformed_rows_fail_clearly_without_output(llama_dir, tmp_path, capsys, line, needle):
     d, _ = llama_dir
