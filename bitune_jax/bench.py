@@ -1,0 +1,150 @@
+"""Benchmarks that print one JSON object per line (never timed tests).
+
+``train_step_bench`` times the jitted train step of ``bitune`` against the
+plain ``lora`` baseline on the same batch. The two are timed alternately
+(lora, bitune, lora, bitune, ...) and the medians compared, so load from
+other processes affects both alike; on CPU only the ratios are meaningful.
+Next to the time ratio it prints the token-count ratio of the issue,
+``(2 * (P - 1) + A + 1) / (P + A)``: what Bitune would cost if it were only
+its extra prompt tokens.
+
+Example::
+
+    python -m bitune_jax.bench train --model smollm2 --batch 8 --prompt 192 --answer 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitune_jax import bitune, train_step as ts
+from bitune_jax.peft import PeftConfig
+
+
+def _batch(vocab, b, p, a, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"prompt_ids": jnp.asarray(rng.integers(3, vocab, (b, p)), jnp.int32),
+            "prompt_len": jnp.full((b,), p, jnp.int32),
+            "answer_ids": jnp.asarray(rng.integers(3, vocab, (b, a)), jnp.int32),
+            "answer_len": jnp.full((b,), a, jnp.int32)}
+
+
+def _device_info():
+    d = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": d.device_kind, "num_devices": jax.device_count(),
+            "host": platform.processor() or platform.machine()}
+
+
+def _peak_flops():
+    """Dense bf16 peak FLOP/s of known accelerators (for MFU); None when unknown (e.g. CPU)."""
+    kind = jax.devices()[0].device_kind.lower()
+    table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5 lite": 197e12,
+             "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
+    return next((v for k, v in table.items() if k in kind), None)
+
+
+def train_step_bench(base, cfg, *, batch=8, prompt=192, answer=64, steps=3, variants=("lora", "bitune"),
+                     remat="none", attn_impl="reference"):
+    """Times train steps of each variant on one batch; returns a list of JSON-ready dicts."""
+    data = _batch(cfg.vocab_size, batch, prompt, answer)
+    steps_fns, states, mem = {}, {}, {}
+    opt = ts.make_optimizer(ts.OptimConfig(lr=1e-4, warmup_ratio=0.0), total_steps=1000)
+    for v in variants:
+        method = bitune.MethodConfig(variant=v, peft=PeftConfig(rank=8, alpha=1.0))
+        state = ts.init_state(bitune.init_trainable(jax.random.PRNGKey(0), cfg, method, base), opt)
+        fn = ts.make_train_step(cfg, method, opt, remat=remat, attn_impl=attn_impl, donate=False)
+        compiled = fn.lower(state, base, data).compile()
+        try:
+            ma = compiled.memory_analysis()
+            mem[v] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes)
+        except Exception:  # memory analysis is not available on every backend
+            mem[v] = None
+        steps_fns[v], states[v] = compiled, state
+        jax.block_until_ready(compiled(state, base, data))  # warm-up
+    times = {v: [] for v in variants}
+    for _ in range(steps):
+        for v in variants:
+            t0 = time.perf_counter()
+            out = steps_fns[v](states[v], base, data)
+            jax.block_until_ready(out)
+            times[v].append(time.perf_counter() - t0)
+    med = {v: statistics.median(times[v]) for v in variants}
+    tokens = {"lora": batch * (prompt + answer), "bitune": batch * (2 * (prompt - 1) + answer + 1)}
+    token_ratio = (2 * (prompt - 1) + answer + 1) / (prompt + answer)
+    rows = []
+    params = sum(x.size for x in jax.tree_util.tree_leaves(base))
+    peak = _peak_flops()
+    for v in variants:
+        row = {"bench": "train_step", "variant": v, "batch": batch, "prompt": prompt, "answer": answer,
+               "step_s": med[v], "step_s_all": times[v], "peak_bytes_compiled": mem[v], **_device_info()}
+        n_tok = tokens.get(v, tokens["bitune"])
+        row["tokens_per_s"] = n_tok / med[v]
+        if peak is not None:  # 6 N FLOPs per token forward+backward (frozen base still backpropagates activations)
+            row["mfu"] = 6 * params * n_tok / med[v] / peak / jax.device_count()
+        rows.append(row)
+    if "lora" in med and "bitune" in med:
+        ratio = med["bitune"] / med["lora"]
+        rows.append({"bench": "train_step_ratio", "bitune_over_lora": ratio, "token_ratio": token_ratio,
+                     "ratio_over_token_ratio": ratio / token_ratio, "target": 1.15,
+                     "batch": batch, "prompt": prompt, "answer": answer, **_device_info()})
+    return rows
+
+
+def _tiny_model():
+    from bitune_jax.models.config import ModelConfig
+    from bitune_jax.models.transformer import init_params
+
+    cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    return init_params(jax.random.PRNGKey(0), cfg), cfg
+
+
+def run_train_bench(model="smollm2", batch=8, lengths=((192, 64),), steps=3, quick=False, remat="none",
+                    out=sys.stdout):
+    """Prints train-step JSON lines for each (prompt, answer) length; ``quick`` uses a tiny random model."""
+    if quick:
+        base, cfg = _tiny_model()
+    else:
+        from bitune_jax.assets import resolve_model_source
+        from bitune_jax.convert import load_model
+
+        m = load_model(resolve_model_source(model), with_tokenizer=False)
+        base, cfg = m.params, m.cfg
+    rows = []
+    for p, a in lengths:
+        for row in train_step_bench(base, cfg, batch=batch, prompt=p, answer=a, steps=steps, remat=remat):
+            row["model"] = "tiny-random" if quick else model
+            print(json.dumps(row), file=out, flush=True)
+            rows.append(row)
+    return rows
+
+
+def _lengths(text):
+    try:
+        return tuple(tuple(int(x) for x in pair.split("+")) for pair in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lengths {text!r}: expected PROMPT+ANSWER pairs, e.g. 192+64,448+64")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Bitune vs LoRA train-step benchmark (JSON lines)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lengths", type=_lengths, default=((192, 64),), help="PROMPT+ANSWER pairs, comma-separated")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    p.add_argument("--quick", action="store_true", help="tiny random model, for CI")
+    a = p.parse_args(argv)
+    run_train_bench(a.model, a.batch, a.lengths, a.steps, a.quick, a.remat)
+
+
+if __name__ == "__main__":
+    main()
