@@ -1,9 +1,11 @@
 """Attention kernels and masks.
 
 ``dot_product_attention`` is the dense masked reference: it runs on every
-backend and defines the numerics (scores and softmax in float32). On GPU the
-``"cudnn"`` implementation of ``jax.nn.dot_product_attention`` can be chosen
-with ``impl="fast"``; tests compare it with the reference where available.
+backend and defines the numerics (scores and softmax in float32).
+``impl="fast"`` calls ``jax.nn.dot_product_attention``, which picks cuDNN's
+fused flash attention on GPUs where it applies and XLA elsewhere;
+``impl="cudnn"`` insists on cuDNN. Tests compare "fast" with the reference on
+every backend they run on.
 
 Masks are boolean ``[batch, q_len, k_len]`` arrays, True where a query may
 attend to a key. They are built from per-token positions and validity, so
@@ -50,20 +52,24 @@ def dot_product_attention(q, k, v, mask, *, scale: float, softcap: Optional[floa
       mask: boolean ``[batch, q_len, k_len]``.
       scale: multiplier of the scores.
       softcap: optional ``c * tanh(s / c)`` logit cap (Gemma).
-      impl: "reference" (dense, everywhere) or "fast" (``jax.nn.dot_product_attention``
-        with cuDNN; GPU only, no softcap).
+      impl: "reference" (dense, everywhere), "fast" (``jax.nn.dot_product_attention``,
+        best available kernel) or "cudnn" (GPU only). The fused kernels do not
+        support logit softcapping.
 
     Returns:
       ``[batch, q_len, heads, head_dim]`` in q's dtype.
     """
     b, tq, h, d = q.shape
     kvh = k.shape[2]
-    if impl == "fast":
+    if impl in ("fast", "cudnn"):
         if softcap is not None:
-            raise ValueError("attention impl='fast' does not support logit softcapping; use 'reference'")
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
+            raise ValueError(f"attention impl={impl!r} does not support logit softcapping; use 'reference'")
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                           implementation="cudnn" if impl == "cudnn" else None)
+        # Rows with no visible key (padding) are zero, as in the reference.
+        return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
     if impl != "reference":
-        raise ValueError(f"attention impl={impl!r}; allowed: 'reference', 'fast'")
+        raise ValueError(f"attention impl={impl!r}; allowed: 'reference', 'fast', 'cudnn'")
     g = h // kvh
     qg = q.reshape(b, tq, kvh, g, d)
     # [batch, kv_heads, group, q_len, k_len]

@@ -94,3 +94,20 @@ def test_bfloat16_runs_and_is_close(models, tmp_path):
     ref, _ = T.forward(params, cfg, jnp.asarray(IDS[:1]))
     assert lo.dtype == jnp.float32
     assert np.abs(np.asarray(lo) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
+
+
+def test_fast_attention_matches_reference():
+    from bitune_jax.attention import dot_product_attention, make_mask
+
+    rng = np.random.default_rng(0)
+    b, t, h, kvh, d = 2, 9, 4, 2, 16
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, t, kvh, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, t, kvh, d)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    valid = jnp.asarray([[True] * 9, [True] * 5 + [False] * 4])
+    for causal in (True, False):
+        mask = make_mask(pos, pos, valid, valid, causal=causal)
+        ref = dot_product_attention(q, k, v, mask, scale=d ** -0.5)
+        fast = dot_product_attention(q, k, v, mask, scale=d ** -0.5, impl="fast")
+        assert np.abs(np.asarray(ref) - np.asarray(fast)).max() <= 1e-5
