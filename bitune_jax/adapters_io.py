@@ -1,0 +1,537 @@
+"""Export and import adapters in the PEFT layout, so the PyTorch world can load them.
+
+An exported Bitune adapter directory looks like::
+
+    DIR/bitune.json                       variant, theta_init, format version, base model
+    DIR/causal/adapter_config.json        PEFT config (LORA, LORA + use_dora, or IA3)
+    DIR/causal/adapter_model.safetensors  PEFT tensor names, HF module paths
+    DIR/bidirectional/...                 the second set, when the variant has one
+    DIR/mixing.safetensors                theta_k [layers], theta_v [layers], theta_init [1]
+                                          (float32), when the variant mixes
+
+Each set folder is an ordinary PEFT adapter: ``peft.PeftModel.from_pretrained(
+model, "DIR/causal")`` loads it. Tensor names are PEFT's, built from the model
+family's HF module paths (``families.family_of_config(cfg).hf_modules`` and
+``hf_layer_prefix``):
+
+* LoRA: ``base_model.model.<layer prefix><module>.lora_A.weight`` ``[r, in]``
+  (our ``lora_a[l].T``) and ``...lora_B.weight`` ``[out, r]`` (``lora_b[l].T``);
+* DoRA: the same plus ``...lora_magnitude_vector`` ``[out]``;
+* IA3: ``...ia3_l``, ``[out, 1]`` for attention projections and ``[1, in]``
+  for feed-forward output projections (``down_proj``).
+
+Every write goes into a temporary directory next to the target that is
+renamed into place at the end, so a failed export leaves nothing behind.
+:func:`import_adapters` reads the layout back (bitwise), and also accepts a
+plain PEFT LoRA/DoRA/IA3 folder (``adapter_config.json`` at top level) as a
+``lora``-variant adapter.
+
+Example:
+
+    >>> import jax, tempfile, os
+    >>> from bitune_jax.models.config import ModelConfig
+    >>> from bitune_jax import bitune
+    >>> cfg = ModelConfig(family="llama", vocab_size=32, hidden_size=16,
+    ...                   intermediate_size=32, num_layers=2, num_heads=2,
+    ...                   num_kv_heads=1, head_dim=8)
+    >>> method = bitune.MethodConfig(variant="bitune")
+    >>> tr = bitune.init_trainable(jax.random.PRNGKey(0), cfg, method)
+    >>> d = os.path.join(tempfile.mkdtemp(), "adapters")
+    >>> _ = export_adapters(d, tr, cfg, method, "my-base-model")
+    >>> sorted(os.listdir(d))
+    ['bidirectional', 'bitune.json', 'causal', 'mixing.safetensors']
+    >>> tr2, method2 = import_adapters(d, cfg)
+    >>> method2 == method
+    True
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from bitune_jax import bitune
+from bitune_jax import peft as peft_lib
+from bitune_jax.models import families
+from bitune_jax.models.config import ModelConfig
+
+FORMAT = "bitune-jax-adapters"
+FORMAT_VERSION = 1
+BITUNE_JSON = "bitune.json"
+MIXING_FILE = "mixing.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Our set name -> folder name.
+SET_DIRS = {"causal": "causal", "bidir": "bidirectional"}
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory or file is missing, malformed or does not fit the model."""
+
+
+# --------------------------------------------------------------------------- naming
+def _module_path(model_cfg: ModelConfig, name: str, layer: int) -> str:
+    """Full HF module path of projection ``name`` in ``layer`` (e.g. ``model.layers.0.self_attn.q_proj``)."""
+    fam = families.family_of_config(model_cfg)
+    return fam.hf_layer_prefix.format(i=layer) + fam.hf_modules[name]
+
+
+def _leaf_suffixes(method: str) -> Dict[str, str]:
+    """Our leaf name -> PEFT tensor-name suffix after the module path."""
+    if method == "ia3":
+        return {"scale": ".ia3_l"}
+    out = {"lora_a": ".lora_A.weight", "lora_b": ".lora_B.weight"}
+    if method == "dora":
+        out["magnitude"] = ".lora_magnitude_vector"
+    return out
+
+
+def _expected_shapes(model_cfg: ModelConfig, peft_cfg: peft_lib.PeftConfig) -> Dict[str, Dict[str, tuple]]:
+    """Shapes of one adapter set in our layout: ``{proj: {leaf: (layers, ...)}}``."""
+    L = model_cfg.num_layers
+    out = {}
+    for name in peft_cfg.target_names(model_cfg):
+        fi, fo = model_cfg.projection_shape(name)
+        if peft_cfg.method == "ia3":
+            out[name] = {"scale": (L, fi if name in peft_lib.IA3_FEEDFORWARD else fo)}
+            continue
+        out[name] = {"lora_a": (L, fi, peft_cfg.rank), "lora_b": (L, peft_cfg.rank, fo)}
+        if peft_cfg.method == "dora":
+            out[name]["magnitude"] = (L, fo)
+    return out
+
+
+def _to_peft(leaf: str, name: str, arr: np.ndarray) -> np.ndarray:
+    """One layer's array in our layout -> PEFT's tensor."""
+    if leaf in ("lora_a", "lora_b"):
+        return np.ascontiguousarray(arr.T)
+    if leaf == "scale":
+        return arr.reshape(1, -1) if name in peft_lib.IA3_FEEDFORWARD else arr.reshape(-1, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _peft_shape(leaf: str, name: str, our_layer_shape: tuple) -> tuple:
+    if leaf in ("lora_a", "lora_b"):
+        return tuple(reversed(our_layer_shape))
+    if leaf == "scale":
+        return (1,) + our_layer_shape if name in peft_lib.IA3_FEEDFORWARD else our_layer_shape + (1,)
+    return our_layer_shape
+
+
+def _target_module_names(model_cfg: ModelConfig, targets) -> List[str]:
+    """``target_modules`` for adapter_config.json: the last path component when unambiguous."""
+    fam = families.family_of_config(model_cfg)
+    short = [fam.hf_modules[t].split(".")[-1] for t in targets]
+    all_short = [fam.hf_modules[p].split(".")[-1] for p in model_cfg.projections]
+    if len(set(all_short)) == len(all_short):
+        return short
+    return [fam.hf_modules[t] for t in targets]
+
+
+# --------------------------------------------------------------------------- atomic writes
+def _fsync_tree(root: str):
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _replaceable(path: str) -> bool:
+    """An existing ``path`` we may replace: an empty directory or an earlier export."""
+    if not os.path.isdir(path):
+        return False
+    entries = os.listdir(path)
+    return not entries or BITUNE_JSON in entries
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: str):
+    """Yields a temporary directory that replaces ``out_dir`` when the block succeeds."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir) and not _replaceable(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not an adapter export (no {BITUNE_JSON}); "
+                              "refusing to replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if os.path.lexists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rmdir(old)
+            os.replace(out_dir, old)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------- export
+def _check_set(adapters, model_cfg: ModelConfig, peft_cfg, where: str):
+    if not isinstance(adapters, dict):
+        raise ValueError(f"{where}: expected a dict of projections, got {type(adapters).__name__}")
+    expected = _expected_shapes(model_cfg, peft_cfg)
+    if set(adapters) != set(expected):
+        raise ValueError(f"{where}: projections {sorted(adapters)} do not match the adapter config's "
+                         f"targets {sorted(expected)}")
+    for name, leaves in expected.items():
+        got = adapters[name]
+        if not isinstance(got, dict) or set(got) != set(leaves):
+            raise ValueError(f"{where}/{name}: leaves {sorted(got) if isinstance(got, dict) else got!r}, "
+                             f"expected {sorted(leaves)} for {peft_cfg.method}")
+        for leaf, shape in leaves.items():
+            if tuple(got[leaf].shape) != shape:
+                raise ValueError(f"{where}/{name}/{leaf}: shape {tuple(got[leaf].shape)}, expected {shape}")
+
+
+def _adapter_config(model_cfg: ModelConfig, peft_cfg: peft_lib.PeftConfig, base_model_name_or_path: str) -> dict:
+    targets = peft_cfg.target_names(model_cfg)
+    common = {
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "revision": None,
+        "target_modules": _target_module_names(model_cfg, targets),
+    }
+    if peft_cfg.method == "ia3":
+        ff = [t for t in targets if t in peft_lib.IA3_FEEDFORWARD]
+        return {**common, "peft_type": "IA3", "feedforward_modules": _target_module_names(model_cfg, ff),
+                "init_ia3_weights": True}
+    alpha = peft_cfg.alpha
+    return {**common, "peft_type": "LORA", "r": peft_cfg.rank,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "lora_dropout": peft_cfg.dropout, "bias": "none", "use_dora": peft_cfg.method == "dora",
+            "use_rslora": False, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False}
+
+
+def _write_set(folder: str, adapters, model_cfg: ModelConfig, peft_cfg, base_model_name_or_path: str):
+    os.makedirs(folder)
+    tensors = {}
+    for name, leaves in adapters.items():
+        for leaf, suffix in _leaf_suffixes(peft_cfg.method).items():
+            arr = np.asarray(leaves[leaf])
+            for l in range(model_cfg.num_layers):
+                tensors[_PEFT_PREFIX + _module_path(model_cfg, name, l) + suffix] = _to_peft(leaf, name, arr[l])
+    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    _write_json(os.path.join(folder, ADAPTER_CONFIG), _adapter_config(model_cfg, peft_cfg, base_model_name_or_path))
+
+
+def export_adapters(out_dir: str, trainable, model_cfg: ModelConfig, method_cfg: bitune.MethodConfig,
+                    base_model_name_or_path: str) -> str:
+    """Writes ``trainable`` (see :mod:`bitune_jax.bitune`) to ``out_dir`` in the PEFT layout.
+
+    Only the sets the variant has are written (``causal/``, ``bidirectional/``),
+    plus ``mixing.safetensors`` when it mixes and ``bitune.json``. The write is
+    atomic; an existing ``out_dir`` is replaced only if it is empty or an
+    earlier export. Returns the absolute path.
+    """
+    method_cfg.peft.target_names(model_cfg)  # validates the family before touching the disk
+    families.family_of_config(model_cfg)
+    expected_keys = set(method_cfg.adapter_sets) | ({"mix"} if method_cfg.mixed else set())
+    if set(trainable) != expected_keys:
+        raise ValueError(f"trainable has {sorted(trainable)}; variant {method_cfg.variant!r} "
+                         f"needs exactly {sorted(expected_keys)}")
+    for name in method_cfg.adapter_sets:
+        _check_set(trainable[name], model_cfg, method_cfg.peft, f"trainable[{name!r}]")
+    if method_cfg.mixed:
+        mix = trainable["mix"]
+        if set(mix) != {"theta_k", "theta_v"}:
+            raise ValueError(f"trainable['mix'] has {sorted(mix)}; expected ['theta_k', 'theta_v']")
+        for k in ("theta_k", "theta_v"):
+            if tuple(mix[k].shape) != (model_cfg.num_layers,):
+                raise ValueError(f"trainable['mix'][{k!r}] has shape {tuple(mix[k].shape)}, "
+                                 f"expected ({model_cfg.num_layers},)")
+    out_dir = os.path.abspath(out_dir)
+    with _atomic_dir(out_dir) as tmp:
+        for name in method_cfg.adapter_sets:
+            _write_set(os.path.join(tmp, SET_DIRS[name]), trainable[name], model_cfg, method_cfg.peft,
+                       base_model_name_or_path)
+        if method_cfg.mixed:
+            save_file({"theta_k": np.asarray(trainable["mix"]["theta_k"], np.float32),
+                       "theta_v": np.asarray(trainable["mix"]["theta_v"], np.float32),
+                       "theta_init": np.asarray([method_cfg.theta_init], np.float32)},
+                      os.path.join(tmp, MIXING_FILE), metadata={"format": "pt"})
+        _write_json(os.path.join(tmp, BITUNE_JSON), {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "variant": method_cfg.variant,
+            "theta_init": method_cfg.theta_init,
+            "peft_method": method_cfg.peft.method,
+            "adapter_sets": {name: SET_DIRS[name] for name in method_cfg.adapter_sets},
+            "mixing": MIXING_FILE if method_cfg.mixed else None,
+            "base_model_name_or_path": base_model_name_or_path,
+            "model_family": model_cfg.family,
+            "num_layers": model_cfg.num_layers,
+        })
+    return out_dir
+
+
+# --------------------------------------------------------------------------- import
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"{path}: file is missing")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _resolve_targets(spec, model_cfg: ModelConfig, where: str) -> Tuple[str, ...]:
+    """Canonical projections named by a PEFT ``target_modules`` (list of names or a regex string)."""
+    fam = families.family_of_config(model_cfg)
+    if spec is None:
+        raise AdapterFileError(f"{where}: 'target_modules' is missing")
+    if isinstance(spec, str):
+        found = [p for p in model_cfg.projections if re.fullmatch(spec, _module_path(model_cfg, p, 0))]
+        if not found:
+            raise AdapterFileError(f"{where}: target_modules regex {spec!r} matches no projection of the model "
+                                   f"(modules: {[fam.hf_modules[p] for p in model_cfg.projections]})")
+        for p in found:
+            for l in range(model_cfg.num_layers):
+                if not re.fullmatch(spec, _module_path(model_cfg, p, l)):
+                    raise AdapterFileError(f"{where}: target_modules regex {spec!r} adapts {p} in some layers "
+                                           "only; per-layer subsets are not supported")
+        return tuple(found)
+    if not isinstance(spec, (list, tuple)):
+        raise AdapterFileError(f"{where}: 'target_modules' must be a list or a string, got {spec!r}")
+    found = set()
+    for t in spec:
+        hits = [p for p in model_cfg.projections
+                if fam.hf_modules[p] == t or fam.hf_modules[p].endswith("." + t)
+                or _module_path(model_cfg, p, 0).endswith("." + t)]
+        if not hits:
+            raise AdapterFileError(
+                f"{where}: target module {t!r} is not a projection of this {model_cfg.family} model "
+                f"(its modules: {[fam.hf_modules[p] for p in model_cfg.projections]})")
+        found.update(hits)
+    return tuple(p for p in model_cfg.projections if p in found)
+
+
+_MUST_BE_EMPTY = ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern", "layer_replication",
+                  "trainable_token_indices", "target_parameters", "use_qalora", "lora_bias", "fan_in_fan_out",
+                  "exclude_modules", "use_bdlora")
+
+
+def _peft_config_from(cfg: dict, model_cfg: ModelConfig, where: str) -> peft_lib.PeftConfig:
+    ptype = cfg.get("peft_type")
+    if ptype not in ("LORA", "IA3"):
+        raise AdapterFileError(f"{where}: peft_type {ptype!r} is not supported; allowed: 'LORA', 'IA3'")
+    for key in _MUST_BE_EMPTY:
+        if cfg.get(key):
+            raise AdapterFileError(f"{where}: {key}={cfg[key]!r} is not supported (only plain per-projection "
+                                   "adapters on every layer can be imported)")
+    targets = _resolve_targets(cfg.get("target_modules"), model_cfg, where)
+    if ptype == "IA3":
+        ff = _resolve_targets(cfg.get("feedforward_modules") or [], model_cfg, where) \
+            if cfg.get("feedforward_modules") else ()
+        want_ff = tuple(t for t in targets if t in peft_lib.IA3_FEEDFORWARD)
+        if set(ff) != set(want_ff):
+            raise AdapterFileError(f"{where}: feedforward_modules resolve to {list(ff)}; this library scales the "
+                                   f"input of exactly {list(peft_lib.IA3_FEEDFORWARD)} among the targets "
+                                   f"(expected {list(want_ff)})")
+        default = tuple(p for p in model_cfg.projections if p in peft_lib.IA3_DEFAULT_TARGETS)
+        return peft_lib.PeftConfig(method="ia3", targets=None if targets == default else targets)
+    bias = cfg.get("bias", "none")
+    if bias != "none":
+        raise AdapterFileError(f"{where}: bias={bias!r} is not supported; allowed: 'none'")
+    try:
+        r = int(cfg["r"])
+        alpha = float(cfg.get("lora_alpha", r))
+    except (KeyError, TypeError, ValueError):
+        raise AdapterFileError(f"{where}: 'r' and 'lora_alpha' must be numbers") from None
+    if cfg.get("use_rslora"):
+        alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); ours by alpha / r
+    default = tuple(model_cfg.projections)
+    return peft_lib.PeftConfig(method="dora" if cfg.get("use_dora") else "lora", rank=r, alpha=alpha,
+                               targets=None if targets == default else targets,
+                               dropout=float(cfg.get("lora_dropout") or 0.0))
+
+
+def _read_set(folder: str, model_cfg: ModelConfig) -> Tuple[dict, peft_lib.PeftConfig]:
+    """One PEFT adapter folder -> (adapter set in our layout, its PeftConfig)."""
+    cfg_path = os.path.join(folder, ADAPTER_CONFIG)
+    peft_cfg = _peft_config_from(_read_json(cfg_path), model_cfg, cfg_path)
+    weights = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        bins = [n for n in ("adapter_model.bin",) if os.path.isfile(os.path.join(folder, n))]
+        hint = f" (found {bins}: pickled weights are never loaded; re-save with safetensors)" if bins else ""
+        raise AdapterFileError(f"{weights}: file is missing{hint}")
+    expected = _expected_shapes(model_cfg, peft_cfg)
+    suffixes = _leaf_suffixes(peft_cfg.method)
+    with safe_open(weights, framework="np") as f:
+        stored = set(f.keys())
+        used = set()
+        out = {}
+        for name, leaves in expected.items():
+            out[name] = {}
+            for leaf, shape in leaves.items():
+                layers = []
+                for l in range(model_cfg.num_layers):
+                    key = _PEFT_PREFIX + _module_path(model_cfg, name, l) + suffixes[leaf]
+                    if key not in stored:
+                        alt = key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+                        if alt in stored:
+                            key = alt
+                        else:
+                            raise AdapterFileError(f"{weights}: tensor {key!r} is missing")
+                    arr = f.get_tensor(key)
+                    want = _peft_shape(leaf, name, shape[1:])
+                    if tuple(arr.shape) != want:
+                        raise AdapterFileError(f"{weights}: tensor {key!r} has shape {tuple(arr.shape)}, expected "
+                                               f"{want} for {name}/{leaf} of this model and adapter config")
+                    used.add(key)
+                    layers.append(arr.T if leaf in ("lora_a", "lora_b") else arr.reshape(-1))
+                out[name][leaf] = jnp.asarray(np.stack(layers))
+    unknown = sorted(stored - used)
+    if unknown:
+        raise AdapterFileError(f"{weights}: unknown tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
+                               f"(expected only {peft_cfg.method} tensors of {list(expected)} on every layer)")
+    return out, peft_cfg
+
+
+def _read_mixing(path: str, model_cfg: ModelConfig) -> Tuple[dict, Optional[float]]:
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"{path}: file is missing (the variant mixes keys/values)")
+    with safe_open(path, framework="np") as f:
+        keys = set(f.keys())
+        unknown = sorted(keys - {"theta_k", "theta_v", "theta_init"})
+        if unknown:
+            raise AdapterFileError(f"{path}: unknown tensors {unknown}; allowed: theta_k, theta_v, theta_init")
+        mix = {}
+        for k in ("theta_k", "theta_v"):
+            if k not in keys:
+                raise AdapterFileError(f"{path}: tensor {k!r} is missing")
+            a = f.get_tensor(k)
+            if tuple(a.shape) != (model_cfg.num_layers,):
+                raise AdapterFileError(f"{path}: tensor {k!r} has shape {tuple(a.shape)}, "
+                                       f"expected ({model_cfg.num_layers},)")
+            mix[k] = jnp.asarray(a)
+        theta_init = float(f.get_tensor("theta_init").reshape(-1)[0]) if "theta_init" in keys else None
+    return mix, theta_init
+
+
+def import_adapters(path: str, model_cfg: ModelConfig) -> Tuple[dict, bitune.MethodConfig]:
+    """Reads an exported directory (or a plain PEFT folder) -> ``(trainable, method_cfg)``.
+
+    A plain PEFT folder (``adapter_config.json`` at its top) becomes
+    ``{"causal": set}`` with variant ``lora``. A Bitune directory without
+    ``bitune.json`` is read as ``bitune`` when it has both sets and the mixing
+    file, and as ``lora`` when it has only ``causal/``.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise AdapterFileError(f"{path}: adapter directory is missing")
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, BITUNE_JSON)):
+        adapters, peft_cfg = _read_set(path, model_cfg)
+        return {"causal": adapters}, bitune.MethodConfig(variant="lora", peft=peft_cfg)
+
+    present = {name for name, d in SET_DIRS.items() if os.path.isdir(os.path.join(path, d))}
+    has_mixing = os.path.isfile(os.path.join(path, MIXING_FILE))
+    meta_path = os.path.join(path, BITUNE_JSON)
+    theta_init = None
+    if os.path.isfile(meta_path):
+        meta = _read_json(meta_path)
+        if meta.get("format", FORMAT) != FORMAT:
+            raise AdapterFileError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        if int(meta.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+            raise AdapterFileError(f"{meta_path}: format_version {meta['format_version']} is newer than this "
+                                   f"library's {FORMAT_VERSION}")
+        variant = meta.get("variant")
+        if variant not in bitune.VARIANTS:
+            raise AdapterFileError(f"{meta_path}: variant {variant!r}; allowed: {bitune.VARIANTS}")
+        if meta.get("num_layers") not in (None, model_cfg.num_layers):
+            raise AdapterFileError(f"{meta_path}: exported for {meta['num_layers']} layers, the model has "
+                                   f"{model_cfg.num_layers}")
+        theta_init = meta.get("theta_init")
+    elif present == {"causal", "bidir"} and has_mixing:
+        variant = "bitune"
+    elif present == {"causal"} and not has_mixing:
+        variant = "lora"
+    else:
+        found = sorted(SET_DIRS[n] for n in present) + ([MIXING_FILE] if has_mixing else [])
+        raise AdapterFileError(f"{path}: neither {BITUNE_JSON} nor {ADAPTER_CONFIG} is present "
+                               f"(found {found}); not an adapter directory")
+
+    probe = bitune.MethodConfig(variant=variant)
+    for name in probe.adapter_sets:
+        if name not in present:
+            raise AdapterFileError(f"{os.path.join(path, SET_DIRS[name])}: folder is missing "
+                                   f"(variant {variant!r} has adapter sets {list(probe.adapter_sets)})")
+    extra = present - set(probe.adapter_sets)
+    if extra:
+        raise AdapterFileError(f"{path}: folders {sorted(SET_DIRS[n] for n in extra)} are not used by variant "
+                               f"{variant!r}")
+    if has_mixing and not probe.mixed:
+        raise AdapterFileError(f"{os.path.join(path, MIXING_FILE)}: variant {variant!r} does not mix")
+
+    trainable, peft_cfg = {}, None
+    for name in probe.adapter_sets:
+        folder = os.path.join(path, SET_DIRS[name])
+        trainable[name], cfg_i = _read_set(folder, model_cfg)
+        if peft_cfg is not None and cfg_i != peft_cfg:
+            raise AdapterFileError(f"{os.path.join(folder, ADAPTER_CONFIG)}: adapter config {cfg_i} differs from "
+                                   f"the causal set's {peft_cfg}; both sets must share one config")
+        peft_cfg = peft_cfg or cfg_i
+    if probe.mixed:
+        trainable["mix"], file_theta_init = _read_mixing(os.path.join(path, MIXING_FILE), model_cfg)
+        if theta_init is None:
+            theta_init = file_theta_init
+    kw = {} if theta_init is None else {"theta_init": float(theta_init)}
+    return trainable, bitune.MethodConfig(variant=variant, peft=peft_cfg, **kw)
+
+
+def load_adapters_for_scoring(path: str, model_cfg: ModelConfig, variant: Optional[str] = None):
+    """Adapters to score or generate with: ``(trainable, method_cfg)``.
+
+    With ``variant=None`` the variant is what the directory was exported as
+    (``bitune.json``); without ``bitune.json`` it is ``bitune`` when both
+    sets and the mixing coefficients are present, else ``lora`` (a plain PEFT
+    folder). An explicit ``variant`` keeps only the sets it uses and fails
+    clearly when one it needs is absent.
+    """
+    trainable, method = import_adapters(path, model_cfg)
+    if variant is None or variant == method.variant:
+        return trainable, method
+    new = dataclasses.replace(method, variant=variant)
+    needed = list(new.adapter_sets) + (["mix"] if new.mixed else [])
+    missing = [n for n in needed if n not in trainable]
+    if missing:
+        raise AdapterFileError(f"{path}: variant {variant!r} needs {needed}, but the adapters "
+                               f"(exported as {method.variant!r}) lack {missing}")
+    return {n: trainable[n] for n in needed}, new
