@@ -150,3 +150,40 @@ def test_sharded_safetensors_index(llama_dir, tmp_path):
     os.remove(os.path.join(m, "model-00002-of-00002.safetensors"))
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
         load_hf(m)
+
+
+@pytest.mark.parametrize("variant", [None, "no_mixing"])
+def test_score_with_exported_bitune_adapters(llama_dir, tmp_path, variant):
+    """`score --adapters` computes exactly the training loss terms of the chosen variant."""
+    import jax
+    import jax.numpy as jnp
+
+    from bitune_jax import bitune
+    from bitune_jax.adapters_io import export_adapters
+    from bitune_jax.convert.hf import load_hf
+    from bitune_jax.peft import PeftConfig
+
+    d, _ = llama_dir
+    base, cfg = load_hf(d)
+    method = bitune.MethodConfig(variant="bitune", peft=PeftConfig(rank=4, alpha=8))
+    tr = bitune.init_trainable(jax.random.PRNGKey(0), cfg, method, base)
+    tr = jax.tree_util.tree_map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(1), x.shape), tr)
+    export_adapters(str(tmp_path / "ad"), tr, cfg, method, d)
+    rows = [{"prompt_ids": [1, 5, 9, 3, 4, 4], "answer_ids": [7, 8]}, {"prompt_ids": [2, 3], "answer_ids": [4, 6, 1]}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, rows)
+    args = ["score", "--model", d, "--data", str(inp), "--out", str(out), "--adapters", str(tmp_path / "ad"), "--quiet"]
+    if variant:
+        args += ["--variant", variant]
+    assert cli.main(args) == 0
+    got = [json.loads(line) for line in open(out)]
+    m = bitune.MethodConfig(variant=variant or "bitune", peft=method.peft)
+    used = {k: v for k, v in tr.items() if k in m.adapter_sets or (k == "mix" and m.mixed)}
+    for r, g in zip(rows, got):
+        batch = {"prompt_ids": jnp.array([r["prompt_ids"]]), "prompt_len": jnp.array([len(r["prompt_ids"])]),
+                 "answer_ids": jnp.array([r["answer_ids"]]), "answer_len": jnp.array([len(r["answer_ids"])])}
+        nll, n = bitune.answer_nll(used, base, cfg, m, batch)
+        assert g["num_tokens"] == int(n[0]) and abs(g["nll_sum"] - float(nll[0])) <= 1e-5
+    base_out = tmp_path / "base.jsonl"
+    assert cli.main(["score", "--model", d, "--data", str(inp), "--out", str(base_out), "--quiet"]) == 0
+    assert [json.loads(x)["nll_sum"] for x in open(base_out)] != [g["nll_sum"] for g in got]
