@@ -1,0 +1,361 @@
+"""Zero-shot evaluation: multiple-choice log-likelihoods with a shared prefix, and GSM8K by generation.
+
+A multiple-choice question is a context and C choices; choice ``j`` is scored
+as ``log p(" " + choice_j | context)`` summed over its tokens, with the
+tokenization rule of :mod:`bitune_jax.text` (``encode_pair(..., add_eos=False)``:
+context with the tokenizer's special tokens, choice without).
+
+Shared prefix. Every choice of a question has the same prompt, so the
+prompt's Bitune prefill (both passes and the mix, :func:`bitune.prefill`) runs
+once per question. Its cache ``[layers, Q, S, kv_heads, hd]`` is repeated C
+times and every continuation ``[x[L-1], choice[0..M-1)]`` (positions
+``L-1 ..``) is fed against it in one batch with the causal adapter set
+(``transformer.forward(prefix_kv=...)``). That is the answer pass of training,
+so the numbers equal :func:`score_choices_naive`, which runs the full fused
+Bitune forward (:func:`bitune.answer_nll`) per (context, choice) pair; the
+shared form prefills a question once instead of C times (C times two for
+Bitune).
+
+Metrics (as lm-evaluation-harness): ``acc`` picks the choice with the highest
+log-likelihood, ``acc_norm`` the highest log-likelihood divided by the
+choice's length in characters; ties go to the first choice. Standard errors
+are ``std(ddof=1) / sqrt(n)``.
+
+Example:
+
+    >>> from bitune_jax.convert import load_model               # doctest: +SKIP
+    >>> m = load_model(smollm2_gguf_path())                       # doctest: +SKIP
+    >>> items = task_lib.load_task("arc_easy", limit=100)            # doctest: +SKIP
+    >>> evaluate_mc(m.params, m.cfg, m.tokenizer, items)[0]       # doctest: +SKIP
+    {'acc': 0.41, 'acc_stderr': 0.049, 'acc_norm': 0.38, 'acc_norm_stderr': 0.049, 'n': 100}
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitune_jax import bitune
+from bitune_jax import tasks as task_lib
+from bitune_jax.models import transformer as T
+from bitune_jax.models.config import ModelConfig
+from bitune_jax.text import encode_pair
+
+GSM8K_STOP = ("Question:", "</s>", "<|im_end|>", "<|end_of_text|>")  # the authors' gsm8k `until`
+
+
+# --------------------------------------------------------------------------- scoring
+def _plain(trainable, method):
+    if trainable is None:
+        return {"causal": None}, bitune.MethodConfig(variant="lora")
+    if method is None:
+        raise ValueError("trainable adapters need their bitune.MethodConfig (method=...)")
+    return trainable, method
+
+
+def _bucket(n: int, bucket: int) -> int:
+    return max(bucket, -(-n // bucket) * bucket)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "attn_impl"))
+def _shared_prefix_scores(trainable, base, prompt_ids, prompt_len, cont_ids, cont_len, *, cfg: ModelConfig,
+                          method: bitune.MethodConfig, attn_impl: str = "reference"):
+    """Sum of continuation log-probs ``[Q, C]`` and greedy flags ``[Q, C]``.
+
+    prompt_ids ``[Q, P]``/prompt_len ``[Q]``: right-padded contexts;
+    cont_ids ``[Q, C, A]``/cont_len ``[Q, C]``: right-padded continuations
+    (``cont_len`` 0 for padding choices, which score 0).
+    """
+    q, c, a = cont_ids.shape
+    prefix = bitune.prefill(trainable, base, cfg, method, prompt_ids, prompt_len, attn_impl=attn_impl)
+    rep = lambda x, axis: jnp.repeat(x, c, axis=axis)  # noqa: E731  question-major: row q * C + j
+    kv = T.KV(rep(prefix.kv.k, 1), rep(prefix.kv.v, 1))  # [layers, Q*C, S, kv_heads, hd]
+    first = jnp.broadcast_to(prefix.last_token[:, None, None], (q, c, 1)).astype(jnp.int32)
+    tokens = jnp.concatenate([first, cont_ids[:, :, : a - 1]], axis=-1).reshape(q * c, a)
+    positions = jnp.broadcast_to(prefix.next_pos[:, None, None] + jnp.arange(a, dtype=jnp.int32),
+                                 (q, c, a)).reshape(q * c, a)
+    valid = (jnp.arange(a)[None, None] < cont_len[..., None]).reshape(q * c, a)
+    logits, _ = T.forward(base, cfg, tokens, positions=positions, valid=valid, prefix_kv=kv,
+                          prefix_positions=rep(prefix.positions, 0), prefix_valid=rep(prefix.valid, 0),
+                          adapters=trainable["causal"], peft_cfg=method.peft, attn_impl=attn_impl)
+    targets = cont_ids.reshape(q * c, a)
+    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    ll = jnp.where(valid, logp, 0.0).sum(-1).reshape(q, c)
+    greedy = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~valid, axis=-1).reshape(q, c)
+    return ll, greedy
+
+
+def score_choices(base, cfg: ModelConfig, contexts: Sequence[Sequence[int]],
+                  continuations: Sequence[Sequence[Sequence[int]]], trainable=None,
+                  method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8, bucket: int = 32,
+                  cont_bucket: int = 8, attn_impl: str = "reference", progress: bool = False
+                  ) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Shared-prefix log-likelihoods of several continuations per context.
+
+    Args:
+      contexts: token ids per question (at least one token each).
+      continuations: per question, a list of token id lists (at least one token each).
+      trainable, method: adapters and variant (``None``: the base model).
+      batch_size: questions per batch (the last batch is padded to it, so one
+        compilation serves a whole run); prompt and continuation lengths are
+        rounded up to ``bucket`` / ``cont_bucket``.
+
+    Returns:
+      Per question ``(ll [C] float64, is_greedy [C] bool)``.
+    """
+    trainable, method = _plain(trainable, method)
+    n = len(contexts)
+    for i in range(n):
+        if not contexts[i] or not continuations[i] or not all(continuations[i]):
+            raise ValueError(f"question {i}: empty context, no choices, or an empty choice")
+    order = sorted(range(n), key=lambda i: (len(contexts[i]), max(map(len, continuations[i]))))
+    out: List = [None] * n
+    q = batch_size if n > batch_size else n
+    batches = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="score", unit="batch", leave=False)
+    for first in batches:
+        idx = order[first:first + batch_size]
+        p = _bucket(max(len(contexts[i]) for i in idx), bucket)
+        c = max(len(continuations[i]) for i in idx)
+        a = _bucket(max(len(x) for i in idx for x in continuations[i]), cont_bucket)
+        prompt = np.zeros((q, p), np.int32)
+        plen = np.ones((q,), np.int32)
+        cont = np.zeros((q, c, a), np.int32)
+        clen = np.zeros((q, c), np.int32)
+        for r, i in enumerate(idx):
+            prompt[r, :len(contexts[i])] = contexts[i]
+            plen[r] = len(contexts[i])
+            for j, x in enumerate(continuations[i]):
+                cont[r, j, :len(x)] = x
+                clen[r, j] = len(x)
+        ll, greedy = _shared_prefix_scores(trainable, base, prompt, plen, cont, clen, cfg=cfg, method=method,
+                                           attn_impl=attn_impl)
+        ll, greedy = np.asarray(ll, np.float64), np.asarray(greedy)
+        for r, i in enumerate(idx):
+            k = len(continuations[i])
+            out[i] = (ll[r, :k], greedy[r, :k])
+    return out
+
+
+def score_choices_naive(base, cfg: ModelConfig, contexts, continuations, trainable=None,
+                        method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8,
+                        progress: bool = False) -> List[np.ndarray]:
+    """The same log-likelihoods, one full Bitune forward (:func:`bitune.answer_nll`) per (context, choice).
+
+    Used to test :func:`score_choices` and to measure what the shared prefix saves.
+    """
+    from bitune_jax.score import score_examples
+
+    pairs = [(list(ctx), list(x)) for ctx, conts in zip(contexts, continuations) for x in conts]
+    scores = score_examples(base, cfg, pairs, trainable, method, batch_size=batch_size, progress=progress)
+    out, k = [], 0
+    for conts in continuations:
+        out.append(np.array([-scores[k + j][0] for j in range(len(conts))], np.float64))
+        k += len(conts)
+    return out
+
+
+# --------------------------------------------------------------------------- tasks
+def encode_mc(tokenizer, items: Sequence[task_lib.MCItem]):
+    """``(contexts, continuations)`` token ids of multiple-choice items (the ``text.encode_pair`` rule)."""
+    contexts, continuations = [], []
+    for it in items:
+        pairs = [encode_pair(tokenizer, it.context, " " + ch, add_eos=False) for ch in it.choices]
+        contexts.append(pairs[0][0])
+        continuations.append([a for _, a in pairs])
+    return contexts, continuations
+
+
+def _mean_se(x: np.ndarray) -> Tuple[float, float]:
+    n = len(x)
+    se = float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(np.mean(x)), se
+
+
+def mc_metrics(items: Sequence[task_lib.MCItem], lls: Sequence[np.ndarray]) -> Tuple[Dict, List[Dict]]:
+    """``acc``/``acc_norm`` with standard errors, and one row per item."""
+    rows, acc, acc_norm = [], [], []
+    for it, ll in zip(items, lls):
+        lengths = np.array([max(len(c), 1) for c in it.choices], np.float64)
+        pred, pred_norm = int(np.argmax(ll)), int(np.argmax(ll / lengths))
+        acc.append(pred == it.gold)
+        acc_norm.append(pred_norm == it.gold)
+        rows.append({"id": it.id, "gold": it.gold, "pred": pred, "pred_norm": pred_norm,
+                     "loglikelihoods": [float(v) for v in ll]})
+    m, se = _mean_se(np.array(acc, np.float64))
+    mn, sen = _mean_se(np.array(acc_norm, np.float64))
+    return {"acc": m, "acc_stderr": se, "acc_norm": mn, "acc_norm_stderr": sen, "n": len(rows)}, rows
+
+
+def evaluate_mc(base, cfg: ModelConfig, tokenizer, items: Sequence[task_lib.MCItem], trainable=None,
+                method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8, naive: bool = False,
+                progress: bool = False) -> Tuple[Dict, List[Dict]]:
+    """Scores multiple-choice items; returns ``(metrics, per_item_rows)``."""
+    contexts, continuations = encode_mc(tokenizer, items)
+    if naive:
+        lls = score_choices_naive(base, cfg, contexts, continuations, trainable, method, batch_size=batch_size,
+                                  progress=progress)
+    else:
+        lls = [ll for ll, _ in score_choices(base, cfg, contexts, continuations, trainable, method,
+                                             batch_size=batch_size, progress=progress)]
+    return mc_metrics(items, lls)
+
+
+def evaluate_generation(base, cfg: ModelConfig, tokenizer, items: Sequence[task_lib.GenItem], trainable=None,
+                        method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8,
+                        max_new_tokens: int = 256, stop: Sequence[str] = GSM8K_STOP,
+                        progress: bool = False) -> Tuple[Dict, List[Dict]]:
+    """GSM8K-style exact match of the final number (greedy); ``(metrics, per_item_rows)``.
+
+    ``exact_match`` uses the flexible extraction (``#### N`` if present, else
+    the last number of the output), ``exact_match_strict`` only ``#### N``.
+    """
+    from bitune_jax.generate import generate
+
+    gens = generate(base, cfg, tokenizer, [it.prompt for it in items], trainable, method,
+                    max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, progress=progress)
+    rows, flex, strict = [], [], []
+    for it, g in zip(items, gens):
+        pf, ps = task_lib.extract_answer(g.text), task_lib.extract_answer(g.text, strict=True)
+        flex.append(pf == it.answer)
+        strict.append(ps == it.answer)
+        rows.append({"id": it.id, "gold": it.answer, "pred": pf, "pred_strict": ps, "output": g.text,
+                     "finish_reason": g.finish_reason})
+    m, se = _mean_se(np.array(flex, np.float64))
+    ms, ses = _mean_se(np.array(strict, np.float64))
+    return {"exact_match": m, "exact_match_stderr": se, "exact_match_strict": ms,
+            "exact_match_strict_stderr": ses, "n": len(rows)}, rows
+
+
+# --------------------------------------------------------------------------- runs
+def write_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_for_eval(model_src: str, adapters: Optional[str] = None, variant: Optional[str] = None,
+                  dtype: str = "float32"):
+    """``(LoadedModel, trainable, method)``; ``model_src`` may also name a packaged model (``smollm2``)."""
+    from bitune_jax.convert import load_model
+
+    if not os.path.exists(model_src):
+        from bitune_jax import assets
+
+        model_src = assets.resolve_model_source(model_src)
+    model = load_model(model_src, dtype=dtype)
+    if adapters is None:
+        if variant not in (None, "lora"):
+            raise ValueError(f"variant={variant!r} needs adapters")
+        return model, None, None
+    from bitune_jax.adapters_io import load_adapters_for_scoring
+
+    trainable, method = load_adapters_for_scoring(adapters, model.cfg, variant=variant)
+    return model, trainable, method
+
+
+def format_table(results: Dict) -> str:
+    """A plain-text table of a :func:`run_eval` result."""
+    lines = [f"{'task':<24} {'n':>6}  {'metric':<20} {'value':>8}  {'stderr':>7}"]
+    for name, m in results["tasks"].items():
+        for key in ("acc", "acc_norm", "exact_match", "exact_match_strict"):
+            if key in m:
+                lines.append(f"{name:<24} {m['n']:>6}  {key:<20} {m[key]:>8.4f}  {m[key + '_stderr']:>7.4f}")
+    return "\n".join(lines)
+
+
+def run_eval(model_src: str, adapters: Optional[str] = None, variant: Optional[str] = None,
+             tasks: Sequence[str] = ("piqa", "arc_easy", "arc_challenge", "csqa", "siqa", "mmlu"),
+             limit: Optional[int] = None, out: Optional[str] = None, per_item: bool = False, batch_size: int = 8,
+             dtype: str = "float32", source: Optional[Dict[str, str]] = None, max_new_tokens: int = 256,
+             naive: bool = False, quiet: bool = False) -> Dict:
+    """Evaluates a model (plus adapters) on tasks; the library side of ``bitune-jax eval``.
+
+    Args:
+      model_src: HF directory, ``.gguf`` file or a packaged model name.
+      adapters, variant: adapter folder and variant (see ``bitune_jax.adapters_io``).
+      tasks: task names (:data:`bitune_jax.tasks.TASKS`, ``mmlu:<subjects>``).
+      limit: first ``limit`` items per task.
+      out: results JSON path (written atomically).
+      per_item: include every item's prediction and log-likelihoods.
+      source: optional ``{task: data path}`` overrides.
+      naive: score every choice with a full forward (slower; for checking).
+
+    Returns:
+      ``{"model", "adapters", "variant", "limit", "tasks": {name: metrics},
+      "seconds": {name: s}, "items"?: {name: rows}}``.
+    """
+    names = list(tasks)
+    for name in names:
+        task_lib.canonical_name(name)  # fail on a bad name before loading anything
+    model, trainable, method = load_for_eval(model_src, adapters, variant, dtype)
+    results: Dict = {"model": model_src, "adapters": adapters, "variant": method.variant if method else None,
+                     "limit": limit, "tasks": {}, "seconds": {}}
+    if per_item:
+        results["items"] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        items = task_lib.load_task(name, limit=limit, source=(source or {}).get(name))
+        if not quiet:
+            print(f"{name}: {len(items)} items", flush=True)
+        if task_lib.is_generative(name):
+            metrics, rows = evaluate_generation(model.params, model.cfg, model.tokenizer, items, trainable, method,
+                                                batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                progress=not quiet)
+        else:
+            metrics, rows = evaluate_mc(model.params, model.cfg, model.tokenizer, items, trainable, method,
+                                        batch_size=batch_size, naive=naive, progress=not quiet)
+        results["tasks"][name] = metrics
+        results["seconds"][name] = round(time.perf_counter() - t0, 2)
+        if per_item:
+            results["items"][name] = rows
+        if out:
+            write_atomic(out, json.dumps(results, indent=1))
+    if not quiet:
+        print(format_table(results))
+    return results
+
+
+def add_cli(sub):
+    """Registers ``bitune-jax eval`` (called by ``bitune_jax.cli``)."""
+    s = sub.add_parser("eval", help="zero-shot evaluation (multiple choice with a shared prefix; GSM8K)")
+    s.add_argument("--model", required=True, help="HF safetensors directory, .gguf file, or 'smollm2'")
+    s.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,csqa,siqa,mmlu",
+                   help=f"comma-separated; allowed: {', '.join(task_lib.TASKS)}; mmlu:<subject>+<subject> for a subset")
+    s.add_argument("--adapters", help="adapter folder (Bitune export or a plain PEFT LoRA folder)")
+    s.add_argument("--variant", help="Bitune variant (default: from the adapters)")
+    s.add_argument("--limit", type=int, help="first N items per task")
+    s.add_argument("--out", help="results JSON")
+    s.add_argument("--per-item", action="store_true", help="include per-item predictions in the JSON")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--max-new-tokens", type=int, default=256, help="generation length for GSM8K")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_eval)
+
+
+def _cmd_eval(args):
+    # Subjects inside one mmlu: name are separated by "+" on the command line (commas separate tasks).
+    names = [t.replace("+", ",") for t in args.tasks.split(",") if t]
+    run_eval(args.model, adapters=args.adapters, variant=args.variant, tasks=names, limit=args.limit,
+             out=args.out, per_item=args.per_item, batch_size=args.batch_size, dtype=args.dtype,
+             max_new_tokens=args.max_new_tokens, quiet=args.quiet)

