@@ -23,9 +23,10 @@ are ``std(ddof=1) / sqrt(n)``.
 
 Example:
 
-    >>> from bitune_jax.convert import load_model               # doctest: +SKIP
+    >>> from bitune_jax import tasks                              # doctest: +SKIP
+    >>> from bitune_jax.convert import load_model                 # doctest: +SKIP
     >>> m = load_model(smollm2_gguf_path())                       # doctest: +SKIP
-    >>> items = task_lib.load_task("arc_easy", limit=100)            # doctest: +SKIP
+    >>> items = tasks.load_task("arc_easy", limit=100)            # doctest: +SKIP
     >>> evaluate_mc(m.params, m.cfg, m.tokenizer, items)[0]       # doctest: +SKIP
     {'acc': 0.41, 'acc_stderr': 0.049, 'acc_norm': 0.38, 'acc_norm_stderr': 0.049, 'n': 100}
 """
@@ -148,7 +149,7 @@ def score_choices(base, cfg: ModelConfig, contexts: Sequence[Sequence[int]],
 
 
 def score_choices_naive(base, cfg: ModelConfig, contexts, continuations, trainable=None,
-                        method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8,
+                        method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8, bucket: int = 32,
                         progress: bool = False) -> List[np.ndarray]:
     """The same log-likelihoods, one full Bitune forward (:func:`bitune.answer_nll`) per (context, choice).
 
@@ -157,7 +158,8 @@ def score_choices_naive(base, cfg: ModelConfig, contexts, continuations, trainab
     from bitune_jax.score import score_examples
 
     pairs = [(list(ctx), list(x)) for ctx, conts in zip(contexts, continuations) for x in conts]
-    scores = score_examples(base, cfg, pairs, trainable, method, batch_size=batch_size, progress=progress)
+    scores = score_examples(base, cfg, pairs, trainable, method, batch_size=batch_size, bucket=bucket,
+                            progress=progress)
     out, k = [], 0
     for conts in continuations:
         out.append(np.array([-scores[k + j][0] for j in range(len(conts))], np.float64))

@@ -392,7 +392,7 @@ def add_cli(sub):
 
 
 def _cmd_generate(args):
-    prompts = list(args.prompt)
+    prompts = [p.replace("\\n", "\n") for p in args.prompt]
     if args.prompts:
         with open(args.prompts) as f:
             prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]

@@ -260,7 +260,8 @@ def read_records(source: str, split: Optional[str] = None) -> Iterable[dict]:
 
         return datasets.load_dataset("parquet", data_files=source, split="train")
     if os.path.exists(source):
-        raise ValueError(f"{source}: unknown data format (expected an Arrow folder, .jsonl, .jsonl.gz, .json, .parquet)")
+        raise ValueError(f"{source}: unknown data format "
+                         "(expected an Arrow folder, .jsonl, .jsonl.gz, .json or .parquet)")
     import datasets  # a hub dataset name: only works where a hub is reachable
 
     return datasets.load_dataset(source, split=split or "validation")

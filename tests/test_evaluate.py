@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bitune_jax import bitune, tasks
-from bitune_jax.evaluate import (encode_mc, evaluate_mc, mc_metrics, run_eval, score_choices, score_choices_naive,
+from bitune_jax.evaluate import (evaluate_mc, mc_metrics, run_eval, score_choices, score_choices_naive,
                                  write_atomic)
 from bitune_jax.models import transformer as T
 from bitune_jax.peft import PeftConfig
