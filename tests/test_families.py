@@ -398,3 +398,27 @@ def test_real_gemma3_greedy_text(gemma3_real):
                              ("Paris is the capital of", "France")]:
         text = tok.decode(_greedy(params, cfg, tok(prompt)["input_ids"], 6))
         assert expected in text, (prompt, text)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_gemma3_score_cli(gemma3_real, tmp_path):
+    """`bitune-jax score` on the real Gemma-3-270M GGUF equals the answer NLL from transformers' logits."""
+    import json
+
+    from bitune_jax import cli
+
+    ids = [int(t) for t, v in zip(gemma3_real["tokens"][1], gemma3_real["valid"][1]) if v]
+    split = 6
+    rows = [{"prompt_ids": ids[:split], "answer_ids": ids[split:]},
+            {"prompt": "Question: What is the capital of France?\n\nAnswer:", "answer": " Paris"}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert cli.main(["score", "--model", gemma3_real["path"], "--data", str(inp), "--out", str(out), "--quiet"]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    ref = gemma3_real["ref"][1]
+    logp = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
+    expected = -sum(logp[split - 1 + j, t] for j, t in enumerate(ids[split:]))
+    assert got[0]["num_tokens"] == len(ids) - split
+    assert abs(got[0]["nll_sum"] - expected) <= 1e-2 * len(ids)
+    assert got[1]["num_tokens"] >= 2 and np.isfinite(got[1]["nll_sum"])
