@@ -535,3 +535,23 @@ def load_adapters_for_scoring(path: str, model_cfg: ModelConfig, variant: Option
         raise AdapterFileError(f"{path}: variant {variant!r} needs {needed}, but the adapters "
                                f"(exported as {method.variant!r}) lack {missing}")
     return {n: trainable[n] for n in needed}, new
+
+
+def load_with_adapters(model_src: str, adapters: Optional[str] = None, variant: Optional[str] = None,
+                       dtype: str = "float32"):
+    """``(LoadedModel, trainable, method)`` for scoring, evaluation and generation.
+
+    ``model_src`` is an HF directory, a ``.gguf`` file or a packaged model name
+    (``smollm2``); without ``adapters`` the base model is used (``trainable``
+    and ``method`` are None) and only ``variant`` None or "lora" is allowed.
+    """
+    from bitune_jax import assets
+    from bitune_jax.convert import load_model
+
+    model = load_model(assets.resolve_model_source(model_src), dtype=dtype)
+    if adapters is None:
+        if variant not in (None, "lora"):
+            raise ValueError(f"variant={variant!r} needs adapters (--adapters DIR)")
+        return model, None, None
+    trainable, method = load_adapters_for_scoring(adapters, model.cfg, variant=variant)
+    return model, trainable, method

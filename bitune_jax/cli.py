@@ -11,35 +11,13 @@ import os
 import sys
 
 
-def resolve_model_source(src: str) -> str:
-    """Maps the names of packaged models (``smollm2``, ``gemma3-270m``) to their files."""
-    from bitune_jax import assets
-
-    return assets.resolve_model_source(src)
-
-
-def _load(src: str, dtype: str):
-    from bitune_jax.convert import load_model
-
-    return load_model(resolve_model_source(src), dtype=dtype)
-
-
-def _adapters(path, cfg, variant):
-    if path is None:
-        if variant not in (None, "lora"):
-            raise ValueError(f"--variant {variant} needs --adapters")
-        return None, None
-    from bitune_jax.adapters_io import load_adapters_for_scoring
-
-    return load_adapters_for_scoring(path, cfg, variant=variant)
-
-
 def cmd_score(args):
     from bitune_jax import score
 
-    model = _load(args.model, args.dtype)
+    from bitune_jax.adapters_io import load_with_adapters
+
+    model, trainable, method = load_with_adapters(args.model, args.adapters, args.variant, args.dtype)
     rows = score.read_jsonl(args.data)
-    trainable, method = _adapters(args.adapters, model.cfg, args.variant)
     out = score.score_rows(model, rows, trainable=trainable, method=method, add_eos=not args.no_eos,
                            batch_size=args.batch_size, source=args.data, progress=not args.quiet)
     score.write_jsonl_atomic(args.out, out)

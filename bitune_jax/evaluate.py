@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import bitune
+from bitune_jax.adapters_io import load_with_adapters
 from bitune_jax import tasks as task_lib
 from bitune_jax.models import transformer as T
 from bitune_jax.models.config import ModelConfig
@@ -255,26 +256,6 @@ def write_atomic(path: str, text: str) -> None:
         raise
 
 
-def load_for_eval(model_src: str, adapters: Optional[str] = None, variant: Optional[str] = None,
-                  dtype: str = "float32"):
-    """``(LoadedModel, trainable, method)``; ``model_src`` may also name a packaged model (``smollm2``)."""
-    from bitune_jax.convert import load_model
-
-    if not os.path.exists(model_src):
-        from bitune_jax import assets
-
-        model_src = assets.resolve_model_source(model_src)
-    model = load_model(model_src, dtype=dtype)
-    if adapters is None:
-        if variant not in (None, "lora"):
-            raise ValueError(f"variant={variant!r} needs adapters")
-        return model, None, None
-    from bitune_jax.adapters_io import load_adapters_for_scoring
-
-    trainable, method = load_adapters_for_scoring(adapters, model.cfg, variant=variant)
-    return model, trainable, method
-
-
 def format_table(results: Dict) -> str:
     """A plain-text table of a :func:`run_eval` result."""
     lines = [f"{'task':<24} {'n':>6}  {'metric':<20} {'value':>8}  {'stderr':>7}"]
@@ -309,7 +290,7 @@ def run_eval(model_src: str, adapters: Optional[str] = None, variant: Optional[s
     names = list(tasks)
     for name in names:
         task_lib.canonical_name(name)  # fail on a bad name before loading anything
-    model, trainable, method = load_for_eval(model_src, adapters, variant, dtype)
+    model, trainable, method = load_with_adapters(model_src, adapters, variant, dtype)
     results: Dict = {"model": model_src, "adapters": adapters, "variant": method.variant if method else None,
                      "limit": limit, "tasks": {}, "seconds": {}}
     if per_item:

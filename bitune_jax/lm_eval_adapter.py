@@ -52,9 +52,9 @@ class _BituneLMImpl:
         if loaded is None:
             if model is None:
                 raise ValueError("BituneLM needs model=<path or name> or loaded=<LoadedModel>")
-            from bitune_jax.evaluate import load_for_eval
+            from bitune_jax.adapters_io import load_with_adapters
 
-            loaded, trainable, method = load_for_eval(model, adapters, variant, dtype)
+            loaded, trainable, method = load_with_adapters(model, adapters, variant, dtype)
         self.model, self.trainable, self.method = loaded, trainable, method
         self.tokenizer = loaded.tokenizer
         self.batch_size = int(batch_size)

@@ -133,7 +133,7 @@ def test_run_eval_writes_json(tmp_path, monkeypatch, base):
             for i in range(5)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = LoadedModel(params=base, cfg=CFG, tokenizer=WordTokenizer(), source="tiny")
-    monkeypatch.setattr(evaluate, "load_for_eval", lambda *a, **k: (model, None, None))
+    monkeypatch.setattr(evaluate, "load_with_adapters", lambda *a, **k: (model, None, None))
     out = tmp_path / "res" / "results.json"
     res = run_eval("tiny", tasks=["arc_easy"], source={"arc_easy": str(data)}, out=str(out), per_item=True,
                    batch_size=2, quiet=True)
