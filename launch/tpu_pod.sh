@@ -23,13 +23,13 @@
 #   --dry-run            print the commands, run nothing [DRY_RUN=1]
 #
 # CONFIG and the model it names are read on every worker (relative to
-# REMOTE_DIR), and train.output_dir must be storage every worker shares
-# (a gs:// bucket or a mounted file system): orbax writes one checkpoint
-# from all hosts together.
+# REMOTE_DIR), and train.output_dir must be a folder every worker sees at the
+# same path (NFS / Filestore, or a bucket mounted with GCS FUSE): orbax
+# writes one checkpoint from all hosts together.
 #
 # Example (Gemma-2B, paper hyperparameters, on a v5e-16):
 #   launch/tpu_pod.sh --tpu my-v5e-16 --zone us-west4-a configs/gemma2b_instruct.yaml \
-#       model.source=/mnt/models/gemma-2b train.output_dir=gs://my-bucket/gemma2b_bitune
+#       model.source=/mnt/shared/models/gemma-2b train.output_dir=/mnt/shared/runs/gemma2b_bitune
 set -euo pipefail
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
