@@ -378,6 +378,7 @@ def add_cli(sub):
     s.add_argument("--model", required=True, help="HF safetensors directory, .gguf file, or 'smollm2'")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     s.add_argument("--prompts", help="a text file with one prompt per line (\\n escapes are expanded)")
+    s.add_argument("--data", help="a JSONL file whose rows have a 'prompt' string (other fields are ignored)")
     s.add_argument("--adapters", help="adapter folder (Bitune export or a plain PEFT LoRA folder)")
     s.add_argument("--variant", help="Bitune variant (default: from the adapters)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -397,8 +398,15 @@ def _cmd_generate(args):
     if args.prompts:
         with open(args.prompts) as f:
             prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    if args.data:
+        from bitune_jax.score import read_jsonl
+
+        for n, row in enumerate(read_jsonl(args.data), 1):
+            if not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{args.data}: row {n} has no 'prompt' string")
+            prompts.append(row["prompt"])
     if not prompts:
-        raise ValueError("give at least one --prompt or a --prompts file")
+        raise ValueError("give at least one --prompt, a --prompts file or a --data JSONL file")
     rows = run_generate(args.model, prompts, adapters=args.adapters, variant=args.variant, out=args.out,
                         dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
