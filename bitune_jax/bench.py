@@ -126,10 +126,11 @@ def load_bench_model(model="smollm2", quick=False):
 
 
 def run_benches(model="smollm2", batch=8, lengths=((192, 64),), steps=3, quick=False, remat="none",
-                only=("train", "mc_eval", "decode"), out=sys.stdout):
-    """Runs the selected benchmarks, printing JSON lines; returns the rows."""
+                only=("train", "mc_eval", "decode"), out=None):
+    """Runs the selected benchmarks, printing JSON lines (to ``out``, default stdout); returns the rows."""
     from bitune_jax import bench_eval
 
+    out = out or sys.stdout
     base, cfg, loaded, name = load_bench_model(model, quick)
     rows = []
     if "train" in only:
