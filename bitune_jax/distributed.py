@@ -139,7 +139,7 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
             raise ValueError(f"process_id={process_id} is not in [0, num_processes={num_processes})")
         if ":" not in coordinator:
             raise ValueError(f"coordinator={coordinator!r} must be host:port")
-        _use_cpu_collectives(jax)
+        _use_cpu_collectives()
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, local_device_ids=local_device_ids)
         return Startup("explicit")
@@ -147,13 +147,15 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     cluster = detected_cluster()
     if not cluster:
         return Startup("single")
-    _use_cpu_collectives(jax)
+    _use_cpu_collectives()
     jax.distributed.initialize(local_device_ids=local_device_ids)
     return Startup("detected", cluster)
 
 
-def _use_cpu_collectives(jax) -> None:
+def _use_cpu_collectives() -> None:
     """Gloo collectives for CPU devices (jax's default today; set so it stays so)."""
+    import jax
+
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
