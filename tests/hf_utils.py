@@ -65,3 +65,21 @@ def torch_logits(model, input_ids, attention_mask=None, position_ids=None):
                     attention_mask=None if attention_mask is None else torch.tensor(np.asarray(attention_mask)),
                     position_ids=None if position_ids is None else torch.tensor(np.asarray(position_ids)))
     return out.logits.float().numpy()
+
+
+def save_word_tokenizer(out_dir: str, words) -> None:
+    """Saves a whitespace word-level tokenizer (``words[i]`` has id i) into a model folder.
+
+    ``words`` must contain ``[PAD]``, ``[UNK]``, ``<s>`` (added before every
+    prompt) and ``</s>`` (EOS), so ``load_model`` finds a tokenizer that text
+    data pipelines can use with a tiny random model.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
+                            unk_token="[UNK]").save_pretrained(out_dir)

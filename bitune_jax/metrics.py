@@ -1,0 +1,170 @@
+"""Training metrics: a JSONL log, TensorBoard events and the final PNG.
+
+Every record is one JSON line in ``<output_dir>/metrics.jsonl``::
+
+    {"step": 10, "split": "train", "loss": 2.31, "grad_norm": 0.8, "lr": 3e-4,
+     "tokens_per_s": 5400.0, "alpha_k": [0.51, ...], "alpha_v": [...], ...}
+    {"step": 50, "split": "eval", "loss": 2.2, "batches": 10}
+
+Scalars also go to TensorBoard under ``<output_dir>/tb`` (``train/loss``,
+``eval/loss``, ``train/alpha_k/layer_03``, ...). Lines are flushed as they
+are written, so a killed run leaves whole lines (a torn last line is dropped
+when the run resumes, see :func:`truncate_after`). Only process 0 writes.
+
+Example:
+
+    >>> w = MetricsWriter("runs/x")                     # doctest: +SKIP
+    >>> w.write({"step": 1, "split": "train", "loss": 2.0})  # doctest: +SKIP
+    >>> w.close(); plot_training("runs/x/metrics.jsonl", "runs/x/training.png")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+PLOT_FILE = "training.png"
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """The records of a metrics JSONL file (a torn or bad line is skipped)."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                out.append(rec)
+    return out
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Keeps only records with ``step <= step`` (atomically).
+
+    A resumed run recomputes the steps after its checkpoint; dropping their
+    old records keeps one record per step, as in an uninterrupted run.
+    """
+    if not os.path.isfile(path):
+        return
+    keep = [r for r in read_metrics(path) if r["step"] <= step]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for r in keep:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends records to ``metrics.jsonl`` and scalars to TensorBoard.
+
+    Args:
+      output_dir: the run's folder.
+      resume_step: step of the checkpoint being resumed (None for a fresh
+        run): later records are dropped from the JSONL file and TensorBoard
+        purges its events after this step.
+      enabled: False makes every method a no-op (processes other than 0).
+    """
+
+    def __init__(self, output_dir: str, resume_step: Optional[int] = None, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        truncate_after(self.path, resume_step or 0)
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(output_dir, TB_DIR),
+                                 purge_step=None if resume_step is None else resume_step + 1, flush_secs=30)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """One JSONL line; numeric fields (and per-layer lists) to TensorBoard as ``<split>/<name>``."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step, split = int(record["step"]), record.get("split", "train")
+        for name, value in record.items():
+            if name in ("step", "split"):
+                continue
+            if isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    self._tb.add_scalar(f"{split}/{name}/layer_{i:02d}", float(v), step)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{split}/{name}", float(value), step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+            self.enabled = False
+
+
+def plot_training(metrics_path: str, png_path: str) -> Optional[str]:
+    """Draws the loss curves and, for mixed variants, alpha_k / alpha_v per layer.
+
+    Left: train loss (and eval loss) against step. Middle and right (when the
+    records carry ``alpha_k`` / ``alpha_v``): one line per layer, coloured
+    from the first layer (dark) to the last (light). Returns ``png_path``, or
+    None when there is nothing to plot.
+    """
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r.get("split", "train") == "train" and _finite(r.get("loss"))]
+    evals = [r for r in records if r.get("split") == "eval" and _finite(r.get("loss"))]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    mixed = [r for r in train if "alpha_k" in r]
+    panels = 3 if mixed else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean answer-token NLL)")
+    ax.set_title("loss")
+    ax.legend()
+    if mixed:
+        steps = [r["step"] for r in mixed]
+        for ax, name in zip(axes[0, 1:], ("alpha_k", "alpha_v")):
+            values = np.asarray([r[name] for r in mixed], np.float64)  # [records, layers]
+            colors = plt.cm.viridis(np.linspace(0, 0.9, values.shape[1]))
+            for layer in range(values.shape[1]):
+                ax.plot(steps, values[:, layer], color=colors[layer], lw=1,
+                        label=f"layer {layer}" if layer in (0, values.shape[1] - 1) else None)
+            ax.set_xlabel("step")
+            ax.set_title(f"{name} per layer")
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(png_path)))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return png_path
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

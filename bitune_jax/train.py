@@ -1,0 +1,328 @@
+"""The training loop: data, step, checkpoint and log in one file, top to bottom.
+
+``train(cfg)`` runs one :class:`~bitune_jax.config.Config` and returns a summary
+dict; ``bitune-jax train CONFIG.yaml [key=value ...]`` does the same from the
+shell. A run writes into ``train.output_dir``::
+
+    config.yaml        the resolved config (written at start)
+    checkpoints/<step> orbax checkpoints (see bitune_jax.checkpoint)
+    metrics.jsonl      train records every log_every steps, eval records
+    tb/                TensorBoard events of the same scalars
+    training.png       loss curves and alpha_k / alpha_v per layer (at the end)
+    summary.json       what the run did (at the end, also after a stop)
+
+Steps are counted from 1: the record and the checkpoint of step ``s`` hold
+the state after ``s`` optimizer updates; the loss of step ``s`` is computed
+before its update. Each update consumes ``optim.grad_accum`` batches.
+
+Starting a run again with the same output directory resumes from the newest
+complete checkpoint: adapters, optimizer state, step and data position are
+restored, so the continued run computes bitwise what an uninterrupted run
+would have (on the same devices). Resuming is refused when the config differs
+in a field that changes training, or when the base model's content hash
+changed (see :func:`bitune_jax.checkpoint.check_resume`).
+
+Failures:
+
+* a non-finite loss stops the run before anything is saved from the bad
+  state, and raises :class:`NonFiniteLossError` naming the step; the last
+  checkpoint stays the newest;
+* SIGTERM (preemption) finishes the current step, saves a checkpoint, waits
+  for it to be complete on disk and returns with ``status == "stopped"``
+  (the command exits 0); run the same command again to continue.
+
+Multi-process: every process runs this same code on its own data shard
+(``data.train_iterator`` splits each global batch); the global batch is
+assembled with ``jax.make_array_from_process_local_data``; orbax writes
+checkpoints collectively; process 0 alone prints and writes metrics, plot and
+summary.
+
+Example (a notebook)::
+
+    from bitune_jax.config import load_config
+    from bitune_jax.train import train
+    summary = train(load_config("configs/smollm2_demo.yaml", ["train.steps=20"]))
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from bitune_jax import assets, bitune, checkpoint, data, metrics
+from bitune_jax import sharding as shd
+from bitune_jax import train_step as ts
+from bitune_jax.config import Config, config_to_dict, load_config, save_config
+from bitune_jax.convert import load_model
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+def method_config(cfg: Config) -> bitune.MethodConfig:
+    """The ``method`` section as the Bitune core's :class:`~bitune_jax.bitune.MethodConfig`."""
+    return bitune.MethodConfig(variant=cfg.method.variant, peft=cfg.method.peft, theta_init=cfg.method.theta_init)
+
+
+def optim_config(cfg: Config) -> ts.OptimConfig:
+    """The ``optim`` section as :class:`~bitune_jax.train_step.OptimConfig` (grad_accum is the loop's)."""
+    o = cfg.optim
+    return ts.OptimConfig(lr=o.lr, schedule=o.schedule, warmup_ratio=o.warmup_ratio, weight_decay=o.weight_decay,
+                          b1=o.b1, b2=o.b2, grad_clip=o.grad_clip, mix_lr=o.mix_lr,
+                          mix_weight_decay=o.mix_weight_decay)
+
+
+def train(cfg: Config, *, allow_base_change: bool = False) -> dict:
+    """Trains (or resumes) the run ``cfg`` describes; returns the summary (also in ``summary.json``).
+
+    Raises ``NonFiniteLossError`` on a NaN/inf loss, ``checkpoint.ResumeError``
+    when the output directory holds a checkpoint this config may not continue.
+    """
+    out_dir = os.path.abspath(cfg.train.output_dir)
+    main = jax.process_index() == 0
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if main else (lambda msg: None)
+    t_start = time.time()
+
+    # --- Model and data -------------------------------------------------------
+    model_path = assets.resolve_model_source(cfg.model.source)
+    model = load_model(model_path, dtype=cfg.model.dtype)
+    if model.tokenizer is None:
+        raise data.DataError(f"{model_path}: no tokenizer files; training reads text rows")
+    base_ref = checkpoint.base_reference(cfg.model.source, model_path)
+    train_it, _ = data.train_iterator(model.tokenizer, cfg.data)
+    eval_ds = data.eval_dataset(model.tokenizer, cfg.data)[0] if cfg.data.eval is not None else None
+
+    # --- Mesh, optimizer, state, the jitted step -----------------------------
+    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if jax.process_count() > 1 and cfg.data.batch_size % batch_devices:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a multiple of mesh data*fsdp="
+                         f"{batch_devices} when training on {jax.process_count()} processes")
+    method = method_config(cfg)
+    optimizer = ts.make_optimizer(optim_config(cfg), total_steps=cfg.train.steps)
+    trainable = bitune.init_trainable(jax.random.PRNGKey(cfg.train.seed), model.cfg, method, model.params)
+    state, base = ts.place(mesh, ts.init_state(trainable, optimizer), model.params)
+    model.params = trainable = None  # the placed copies are used from here on
+
+    def next_batch():
+        """``grad_accum`` local batches padded to one shape, concatenated, made one global array."""
+        parts = [next(train_it) for _ in range(cfg.optim.grad_accum)]
+        P = max(p["prompt_ids"].shape[1] for p in parts)
+        A = max(p["answer_ids"].shape[1] for p in parts)
+        local = {k: np.concatenate([_pad_to(p[k], P if k == "prompt_ids" else A) for p in parts])
+                 for k in ("prompt_ids", "prompt_len", "answer_ids", "answer_len")}
+        tokens = int(local["prompt_len"].sum() + local["answer_len"].sum()) * jax.process_count()
+        return _global_batch(mesh, local), tokens
+
+    # --- Resume from the newest complete checkpoint ---------------------------
+    ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                                  async_save=cfg.train.async_checkpoint)
+    config_dict = config_to_dict(cfg)
+    start = ckpt.latest_step() or 0
+    if start:
+        where = os.path.join(ckpt.directory, str(start))
+        checkpoint.check_resume(ckpt.read_json(start, "config"), config_dict, ckpt.read_json(start, "base"),
+                                base_ref, allow_base_change=allow_base_change, where=where)
+        state, data_state, _, _ = ckpt.restore(start, state)
+        train_it.set_state(data_state)
+        say(f"resuming from {where} (step {start} of {cfg.train.steps})")
+    if main:
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    log = metrics.MetricsWriter(out_dir, resume_step=start, enabled=main)
+
+    batch = tokens = step_fn = None
+    if start < cfg.train.steps:  # the first batch gives the step its example shapes
+        batch, tokens = next_batch()
+        step_fn = ts.make_train_step(model.cfg, method, optimizer, mesh=mesh, state=state, base=base, batch=batch,
+                                     grad_accum=cfg.optim.grad_accum, remat=cfg.train.remat,
+                                     dropout_seed=cfg.train.seed if cfg.method.peft.dropout > 0 else None)
+    else:
+        say(f"{out_dir} already holds the checkpoint of the last step ({start}); nothing to train")
+    eval_loss_fn = jax.jit(lambda tr, b, x: bitune.loss_fn(tr, b, model.cfg, method, x)[0],
+                           out_shardings=shd.replicated(mesh))
+    lr_at = ts.make_schedule(cfg.optim.lr, cfg.optim.schedule, cfg.train.steps, cfg.optim.warmup_ratio)
+
+    def evaluate(step):
+        n = min(len(eval_ds), cfg.train.eval_batches)
+        losses = [_host(eval_loss_fn(state.trainable, base, _global_batch(mesh, eval_ds[i]))) for i in range(n)]
+        rec = {"step": step, "split": "eval", "loss": float(np.mean(losses)), "batches": n}
+        log.write(rec)
+        return rec["loss"]
+
+    def save(step):
+        ckpt.save(step, state, train_it.get_state(), config_dict, base_ref)
+
+    # --- The loop -------------------------------------------------------------
+    status, step, saved = "completed", start, start
+    window, window_tokens, t_window = [], 0, time.time()
+    train_loss = eval_loss = None
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not main, desc="train", dynamic_ncols=True)
+    try:
+        with _SigtermFlag() as sigterm:
+            while step < cfg.train.steps:
+                if batch is None:
+                    batch, tokens = next_batch()
+                state, m = step_fn(state, base, batch)
+                batch, step = None, step + 1
+                loss = _host(m["loss"])  # replicated: every process sees the same value
+                if not math.isfinite(loss):
+                    status = "non_finite"
+                    break
+                window.append(loss)
+                window_tokens += tokens
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    now = time.time()
+                    train_loss = float(np.mean(window))
+                    rec = {"step": step, "split": "train", "loss": train_loss, "loss_steps": len(window),
+                           "grad_norm": _host(m["grad_norm"]), "lr": float(lr_at(step - 1)),
+                           "answer_tokens": int(_host(m["answer_tokens"])),
+                           "tokens_per_s": window_tokens / max(now - t_window, 1e-9), "elapsed_s": now - t_start}
+                    for name in ("alpha_k", "alpha_v"):
+                        if name in m:
+                            rec[name] = np.asarray(m[name].addressable_data(0)).tolist()
+                    log.write(rec)
+                    post = {"loss": f"{train_loss:.4f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+                    if "alpha_k" in rec:
+                        post["alpha"] = f"{np.mean(rec['alpha_k'] + rec['alpha_v']):.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    window, window_tokens, t_window = [], 0, now
+                at_end = step == cfg.train.steps
+                if eval_ds is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or at_end):
+                    eval_loss = evaluate(step)
+                    say(f"step {step}: eval loss {eval_loss:.4f}")
+                if step % cfg.train.save_every == 0 or at_end:
+                    save(step)
+                    saved = step
+                if _agree(sigterm.requested):
+                    status = "stopped"
+                    if saved != step:
+                        save(step)
+                        saved = step
+                    break
+    finally:  # also on errors: a started asynchronous save completes, files are closed
+        bar.close()
+        ckpt.close()
+        log.close()
+
+    # --- The end: messages, plot, summary --------------------------------------
+    latest = ckpt.latest_step()
+    last_ckpt = os.path.join(ckpt.directory, str(latest)) if latest else None
+    summary = {"status": status, "step": step, "start_step": start, "steps": cfg.train.steps,
+               "train_loss": train_loss, "eval_loss": eval_loss, "seconds": time.time() - t_start,
+               "output_dir": out_dir, "checkpoint": last_ckpt, "base": base_ref,
+               "metrics": log.path, "plot": None}
+    if main:
+        summary["plot"] = metrics.plot_training(log.path, os.path.join(out_dir, metrics.PLOT_FILE))
+        checkpoint.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    if status == "non_finite":
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss}) at step {step}; stopped without saving it. "
+            f"The last good checkpoint is {last_ckpt or '(none: no checkpoint was written)'}; "
+            "lower optim.lr or check the data before resuming.")
+    if status == "stopped":
+        say(f"SIGTERM received: saved checkpoint {last_ckpt} at step {step}; run the same command to resume")
+    return summary
+
+
+# ----------------------------------------------------------------------------
+# Helpers of the loop
+# ----------------------------------------------------------------------------
+
+
+def _pad_to(x: np.ndarray, width: int) -> np.ndarray:
+    """Right-pads ``[B, n]`` ids with 0 to ``[B, width]``; lengths ``[B]`` pass through."""
+    if x.ndim == 1 or x.shape[1] == width:
+        return x
+    return np.pad(x, ((0, 0), (0, width - x.shape[1])))
+
+
+def _global_batch(mesh, local):
+    """This process's rows of every batch array -> one global ``jax.Array`` split over (data, fsdp)."""
+    n = jax.process_count()
+
+    def one(x):
+        shape = (x.shape[0] * n,) + x.shape[1:]
+        sharding = shd.batch_sharding(mesh, jax.ShapeDtypeStruct(shape, x.dtype))
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return {k: one(v) for k, v in local.items() if k != "example_id"}
+
+
+def _host(x) -> float:
+    """A replicated scalar as a Python float (works on any process)."""
+    return float(np.asarray(x.addressable_data(0)))
+
+
+def _agree(flag: bool) -> bool:
+    """True on every process when it is True on any (so all save and stop together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+class _SigtermFlag:
+    """Within the ``with`` block, SIGTERM sets ``requested`` instead of killing the process."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+
+def _cmd_train(args):
+    from bitune_jax import distributed
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails before any process waits for others
+    distributed.initialize_from_args(args)
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        print(distributed.describe(), file=sys.stderr)
+    summary = train(cfg, allow_base_change=args.allow_base_change)
+    if jax.process_index() == 0:
+        losses = f"train loss {summary['train_loss']}" + (
+            f", eval loss {summary['eval_loss']}" if summary["eval_loss"] is not None else "")
+        print(f"{summary['status']} at step {summary['step']}/{summary['steps']}: {losses}; "
+              f"checkpoint {summary['checkpoint']}; summary {os.path.join(summary['output_dir'], 'summary.json')}")
+
+
+def add_cli(subparsers) -> None:
+    """Registers ``bitune-jax train CONFIG.yaml [key=value ...]``."""
+    p = subparsers.add_parser("train", help="train (or resume) a run described by a YAML config",
+                              description="Trains the run of CONFIG.yaml; key=value arguments override config "
+                                          "keys (optim.lr=1e-3). Re-running with the same train.output_dir "
+                                          "resumes from its latest checkpoint. SIGTERM saves and exits 0.")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, values parsed as YAML")
+    p.add_argument("--allow-base-change", action="store_true",
+                   help="resume even if the base model's content hash differs from the checkpoint's")
+    from bitune_jax import distributed
+
+    distributed.add_cli_flags(p)
+    p.set_defaults(fn=_cmd_train)
