@@ -51,6 +51,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -292,6 +293,36 @@ class _SigtermFlag:
         return False
 
 
+def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None) -> int:
+    """Writes the adapters of a run's checkpoint (default: the latest) in PEFT layout; returns the step.
+
+    The run's saved config says which model, variant and optimizer built the
+    state, so the checkpoint restores into exactly that structure.
+    """
+    from bitune_jax.adapters_io import export_adapters
+
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{run_dir}: no checkpoints/ folder (is this a train.output_dir?)")
+    ckpt = checkpoint.Checkpoints(ckpt_dir, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.all_steps():
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint at step {step} "
+                                    f"(available: {sorted(ckpt.all_steps())})")
+        cfg = Config.from_dict(ckpt.read_json(step, "config"), source=os.path.join(ckpt_dir, str(step), "config"))
+        model = load_model(assets.resolve_model_source(cfg.model.source), dtype=cfg.model.dtype,
+                           with_tokenizer=False)
+        method = method_config(cfg)
+        optimizer = ts.make_optimizer(optim_config(cfg), total_steps=cfg.train.steps)
+        like = ts.init_state(bitune.init_trainable(jax.random.PRNGKey(0), model.cfg, method, model.params), optimizer)
+        state = ckpt.restore(step, like)[0]
+    finally:
+        ckpt.close()
+    export_adapters(out_dir, jax.device_get(state.trainable), model.cfg, method, cfg.model.source)
+    return step
+
+
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
@@ -326,3 +357,13 @@ def add_cli(subparsers) -> None:
 
     distributed.add_cli_flags(p)
     p.set_defaults(fn=_cmd_train)
+
+    e = subparsers.add_parser("export-adapters", help="write a run's adapters in PEFT layout",
+                              description="Exports the adapters and mixing coefficients of a training run's "
+                                          "checkpoint to OUT_DIR/causal, OUT_DIR/bidirectional (PEFT folders) "
+                                          "and OUT_DIR/mixing.safetensors.")
+    e.add_argument("run", help="the run's train.output_dir")
+    e.add_argument("out", help="output folder (written atomically)")
+    e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    e.set_defaults(fn=lambda a: print(f"exported step {export_run_adapters(a.run, a.out, a.step)} of {a.run} "
+                                      f"to {a.out}"))

@@ -338,3 +338,30 @@ def test_smollm2_demo_config_decreases_the_training_loss(tmp_path):
     losses = [r["loss"] for r in _metrics(str(out)) if r["split"] == "train"]
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+@pytest.mark.slow
+def test_export_adapters_of_a_run_round_trips(files, uninterrupted, tmp_path):
+    """`bitune-jax export-adapters RUN OUT` writes the latest checkpoint's adapters in PEFT layout."""
+    from bitune_jax import cli
+    from bitune_jax.adapters_io import import_adapters
+    from bitune_jax.convert.hf import load_hf
+
+    out = tmp_path / "adapters"
+    assert cli.main(["export-adapters", uninterrupted, str(out)]) == 0
+    assert (out / "causal" / "adapter_model.safetensors").exists() and (out / "mixing.safetensors").exists()
+    root, _ = files
+    _, model_cfg = load_hf(str(root / "model"))
+    trainable, method = import_adapters(str(out), model_cfg)
+    step = _steps(uninterrupted)[-1]
+    saved = _state(uninterrupted, step)
+    import jax
+    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(trainable)}
+    matched = 0
+    for key, value in flat.items():
+        hits = [v for k, v in saved.items() if k.endswith(key) and "opt_state" not in k]
+        assert len(hits) == 1, key
+        np.testing.assert_array_equal(hits[0], value)
+        matched += 1
+    assert matched == len(flat) > 0
+    assert cli.main(["export-adapters", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
