@@ -123,6 +123,15 @@ def init_trainable(rng, cfg: ModelConfig, method: MethodConfig, base_params=None
     return out
 
 
+def with_base_default(trainable, method):
+    """``(trainable, method)``, mapping the base model alone (``trainable=None``) to an adapter-free ``lora`` plan."""
+    if trainable is None:
+        return {"causal": None}, MethodConfig(variant="lora", peft=method.peft if method else PeftConfig())
+    if method is None:
+        raise ValueError("trainable adapters need their bitune.MethodConfig (method=...)")
+    return trainable, method
+
+
 def mix_alpha(theta, theta_init: float):
     """``|theta| / (theta_init + |theta|)`` in float32."""
     a = jnp.abs(theta.astype(jnp.float32))
@@ -295,7 +304,6 @@ def prefill(trainable, base, cfg: ModelConfig, method: MethodConfig, prompt_ids,
     dummy = {"prompt_ids": prompt_ids, "prompt_len": prompt_len,
              "answer_ids": jnp.zeros((b, 1), jnp.int32), "answer_len": jnp.ones((b,), jnp.int32)}
     st = make_streams(dummy)
-    if trainable is None:
-        trainable, method = {"causal": None}, MethodConfig(variant="lora", peft=method.peft if method else PeftConfig())
+    trainable, method = with_base_default(trainable, method)
     _, kv = run_streams(trainable, base, cfg, method, st, with_answer=False, return_prefix=True, **kw)
     return Prefix(kv, st.pre_pos, st.pre_valid, st.ans_tokens[:, 0], st.ans_pos[:, 0])

@@ -55,14 +55,6 @@ GSM8K_STOP = ("Question:", "</s>", "<|im_end|>", "<|end_of_text|>")  # the autho
 
 
 # --------------------------------------------------------------------------- scoring
-def _plain(trainable, method):
-    if trainable is None:
-        return {"causal": None}, bitune.MethodConfig(variant="lora")
-    if method is None:
-        raise ValueError("trainable adapters need their bitune.MethodConfig (method=...)")
-    return trainable, method
-
-
 def _bucket(n: int, bucket: int) -> int:
     return max(bucket, -(-n // bucket) * bucket)
 
@@ -113,7 +105,7 @@ def score_choices(base, cfg: ModelConfig, contexts: Sequence[Sequence[int]],
     Returns:
       Per question ``(ll [C] float64, is_greedy [C] bool)``.
     """
-    trainable, method = _plain(trainable, method)
+    trainable, method = bitune.with_base_default(trainable, method)
     n = len(contexts)
     for i in range(n):
         if not contexts[i] or not continuations[i] or not all(continuations[i]):

@@ -100,15 +100,6 @@ class DecodeState(NamedTuple):
 
 
 # --------------------------------------------------------------------------- prefill and cache
-def _plain(trainable, method):
-    """(trainable, method) with the base model mapped to an adapter-free LoRA plan."""
-    if trainable is None:
-        return {"causal": None}, bitune.MethodConfig(variant="lora")
-    if method is None:
-        raise ValueError("trainable adapters need their bitune.MethodConfig (method=...)")
-    return trainable, method
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new", "attn_impl"))
 def start(trainable, base, prompt_ids, prompt_len, keys, *, cfg: ModelConfig, method: bitune.MethodConfig,
           max_new: int, attn_impl: str = "reference") -> DecodeState:
@@ -286,7 +277,7 @@ def generate(base, cfg: ModelConfig, tokenizer, prompts: Sequence[Union[str, Seq
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         eos_token_ids = () if eos is None else (int(eos),)
     eos_ids = tuple(int(e) for e in eos_token_ids)
-    trainable, method = _plain(trainable, method)
+    trainable, method = bitune.with_base_default(trainable, method)
     adapters = trainable["causal"]
 
     ids = _encode_prompts(tokenizer, prompts)

@@ -100,8 +100,7 @@ def _nll(trainable, base, batch, cfg, method):
 def score_examples(base, cfg, examples, trainable=None, method: Optional[bitune.MethodConfig] = None,
                    batch_size: int = 8, bucket: int = 32, progress: bool = False):
     """``[(nll_sum, num_tokens)]`` for (prompt_ids, answer_ids) pairs, in input order."""
-    if trainable is None:
-        trainable, method = {"causal": None}, bitune.MethodConfig(variant="lora")
+    trainable, method = bitune.with_base_default(trainable, method)
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), len(examples[i][1])))
     results = [None] * len(examples)
     it = range(0, len(order), batch_size)
