@@ -185,7 +185,8 @@ class DataSection:
         update sees ``batch_size * optim.grad_accum`` examples.
       shuffle_seed: seed of the per-epoch shuffle (each epoch is reshuffled).
       bucket: padded prompt and answer lengths are rounded up to a multiple of
-        this, so a run compiles a handful of shapes instead of one per batch.
+        this (but not past ``max_prompt_len`` / ``max_answer_len``), so a run
+        compiles a handful of shapes instead of one per batch.
       sort_window: length grouping: each run of ``sort_window * batch_size``
         shuffled examples is sorted by length and cut into batches (whose
         order is then shuffled), so a batch holds examples of similar length;

@@ -38,7 +38,8 @@ The batch format the train step consumes (:func:`collate`)::
     answer_ids  int32 [B, A]  right-padded with 0
     answer_len  int32 [B]     >= 1
 
-with ``P`` and ``A`` multiples of ``data.bucket``.
+with ``P`` and ``A`` multiples of ``data.bucket``, or ``data.max_prompt_len`` /
+``data.max_answer_len`` when rounding up would pass them.
 
 Example:
 
@@ -494,15 +495,20 @@ class _LocalBatch:
     """Global batch of indices -> this process's padded share (a batch dict)."""
 
     def __init__(self, examples: Sequence[Example], lengths: np.ndarray, bucket: int, process_index: int,
-                 process_count: int, include_ids: bool):
+                 process_count: int, include_ids: bool, max_lens: Optional[Tuple[int, int]] = None):
         self._examples = examples
         self._lengths = lengths
         self._bucket = bucket
+        self._max_lens = max_lens
         self._p, self._n = process_index, process_count
         self._include_ids = include_ids
 
     def __call__(self, idx: np.ndarray) -> Dict[str, np.ndarray]:
         pad_to = tuple(_round_up(int(m), self._bucket) for m in self._lengths[idx].max(axis=0))
+        if self._max_lens is not None:
+            # Rounding past the configured maximum would only add padding: no example is longer.
+            pad_to = tuple(min(p, max(cap, int(m))) for p, cap, m in
+                           zip(pad_to, self._max_lens, self._lengths[idx].max(axis=0)))
         local = np.array_split(idx, self._n)[self._p]
         batch = collate([self._examples[i] for i in local], self._bucket, pad_to=pad_to)
         if self._include_ids:
@@ -553,7 +559,8 @@ def batch_dataset(examples: Sequence[Example], data_cfg: DataSection, *, train: 
         stream = stream.shuffle(seed=data_cfg.shuffle_seed).repeat(data_cfg.num_epochs)
     batches = _LengthGroupedBatches(stream, len(examples), lengths, B, data_cfg.sort_window,
                                     data_cfg.shuffle_seed if train else None)
-    return batches.map(_LocalBatch(examples, lengths, data_cfg.bucket, p, n, include_ids))
+    max_lens = (data_cfg.max_prompt_len, data_cfg.max_answer_len)
+    return batches.map(_LocalBatch(examples, lengths, data_cfg.bucket, p, n, include_ids, max_lens))
 
 
 def make_iterator(dataset: grain.MapDataset, num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:

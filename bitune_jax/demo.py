@@ -64,7 +64,7 @@ from bitune_jax import train as train_lib
 from bitune_jax.adapters_io import load_adapters_for_scoring
 from bitune_jax.bitune import mix_alpha
 from bitune_jax.config import config_to_dict, load_config
-from bitune_jax.convert import load_model, load_tokenizer
+from bitune_jax.convert import load_model
 from bitune_jax.evaluate import evaluate_mc, write_atomic
 from bitune_jax.score import write_jsonl_atomic
 from bitune_jax.tasks import MCItem
@@ -164,23 +164,48 @@ def paired_difference(rows_a: List[Dict], rows_b: List[Dict], items: Sequence[MC
     return out
 
 
+def macro_average(per_task: Dict[str, Dict]) -> Dict:
+    """Unweighted mean over tasks of each method's metrics and of the paired difference.
+
+    The standard error of a mean of T independent task estimates is
+    ``sqrt(sum(se_t ** 2)) / T``.
+    """
+    def avg(get):
+        vals = [get(per) for per in per_task.values()]
+        out = {}
+        for key in ("acc", "acc_norm"):
+            out[key] = float(np.mean([v[key] for v in vals]))
+            out[key + "_stderr"] = float(math.sqrt(sum(v[key + "_stderr"] ** 2 for v in vals)) / len(vals))
+        return out
+
+    out = {name: avg(lambda per, name=name: per[name]) for name in METHODS}
+    out["bitune_minus_lora"] = avg(lambda per: per["bitune_minus_lora"])
+    out["n"] = sum(per["base"]["n"] for per in per_task.values())
+    return out
+
+
 def format_table(results: Dict) -> str:
     """The comparison table of a :func:`run_demo` result (acc and acc_norm, mean ± standard error)."""
     def cell(m, key):
         return f"{m[key]:.3f} ± {m[key + '_stderr']:.3f}"
 
-    head = f"{'task':<10} {'n':>4}  {'metric':<8} " + "".join(f"{name:>16}" for name in METHODS) + \
+    w = max([len("average")] + [len(t) for t in results["tasks"]])
+    head = f"{'task':<{w}} {'n':>4}  {'metric':<8} " + "".join(f"{name:>16}" for name in METHODS) + \
         f"{'bitune - lora':>18}"
     lines = [head, "-" * len(head)]
     for task, per in results["tasks"].items():
         for key in ("acc", "acc_norm"):
             diff = per["bitune_minus_lora"]
-            lines.append(f"{task:<10} {per['base']['n']:>4}  {key:<8} "
+            lines.append(f"{task:<{w}} {per['base']['n']:>4}  {key:<8} "
                          + "".join(f"{cell(per[name], key):>16}" for name in METHODS)
                          + f"{diff[key]:>+10.3f} ± {diff[key + '_stderr']:.3f}")
     avg = results["average"]
+    lines.append("-" * len(head))
     for key in ("acc", "acc_norm"):
-        lines.append(f"{'average':<10} {avg['n']:>4}  {key:<8} " + "".join(f"{avg[name][key]:>16.3f}" for name in METHODS))
+        diff = avg["bitune_minus_lora"]
+        lines.append(f"{'average':<{w}} {avg['n']:>4}  {key:<8} "
+                     + "".join(f"{cell(avg[name], key):>16}" for name in METHODS)
+                     + f"{diff[key]:>+10.3f} ± {diff[key + '_stderr']:.3f}")
     return "\n".join(lines)
 
 
@@ -276,12 +301,18 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
     installed = ensure_packages(install)
     seconds["setup"] = time.time() - t
 
-    # 2. Data (the prompt limit of the run config applies to training and evaluation items alike)
+    # 2. The model, loaded once for both runs, the adapter export and the evaluation
     t = time.time()
     preset_cfg = load_config(config_path, overrides)
+    model_path = assets.resolve_model_source(preset_cfg.model.source)
+    _say(f"model: loading {model_path}")
+    model = load_model(model_path, dtype=preset_cfg.model.dtype)
+    seconds["load"] = time.time() - t
+
+    # 3. Data (the prompt limit of the run config applies to training and evaluation items alike)
+    t = time.time()
     max_prompt_len = preset_cfg.data.max_prompt_len
-    tokenizer = load_tokenizer(assets.resolve_model_source(preset_cfg.model.source))
-    data = build_data(os.path.join(out_dir, "data"), tasks, eval_items, tokenizer, max_prompt_len)
+    data = build_data(os.path.join(out_dir, "data"), tasks, eval_items, model.tokenizer, max_prompt_len)
     counts = ", ".join(f"{k} {v}" for k, v in data["train_rows"].items())
     _say(f"data: {sum(data['train_rows'].values())} training rows ({counts}) -> {data['train']}; "
          f"held out (evaluated/available): " + ", ".join(f"{k} {len(v)}/{data['eval_available'][k]}"
@@ -289,7 +320,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
          + f"; prompts over {max_prompt_len} tokens left out of both splits")
     seconds["data"] = time.time() - t
 
-    # 3. Train both methods from one config, differing in the variant only
+    # 4. Train both methods from one config, differing in the variant only
     cfgs, runs = {}, {}
     for variant in ("lora", "bitune"):
         run_dir = os.path.join(out_dir, variant)
@@ -298,17 +329,15 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
         cfgs[variant] = _run_config(config_path, variant, run_dir, data["train"], overrides)
         _say(f"train {variant}: {cfgs[variant].train.steps} steps of {cfgs[variant].data.batch_size} examples")
         t = time.time()
-        runs[variant] = train_lib.train(cfgs[variant])
+        runs[variant] = train_lib.train(cfgs[variant], model=model)
         seconds[f"train_{variant}"] = time.time() - t
 
-    # 4. Evaluate base, LoRA and Bitune on the same held-out items
+    # 5. Evaluate base, LoRA and Bitune on the same held-out items
     t = time.time()
-    model_path = assets.resolve_model_source(cfgs["lora"].model.source)
-    model = load_model(model_path, dtype=cfgs["lora"].model.dtype)
     adapters = {"base": (None, None)}
     for variant in ("lora", "bitune"):
         runs[variant]["adapters"] = os.path.join(out_dir, variant, "adapters")
-        train_lib.export_run_adapters(runs[variant]["output_dir"], runs[variant]["adapters"])
+        train_lib.export_run_adapters(runs[variant]["output_dir"], runs[variant]["adapters"], model=model)
         adapters[variant] = load_adapters_for_scoring(runs[variant]["adapters"], model.cfg)
     results_tasks, item_rows = {}, {}
     bar = tqdm(total=len(METHODS) * len(tasks), desc="eval", dynamic_ncols=True)
@@ -327,12 +356,10 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
             item_rows[task]["lora"], item_rows[task]["bitune"], data["eval"][task])
     seconds["eval"] = time.time() - t
 
-    # 5. Report
+    # 6. Report
     mix, theta_init = adapters["bitune"][0]["mix"], adapters["bitune"][1].theta_init
     alpha = {f"alpha_{kv}": np.asarray(mix_alpha(mix[f"theta_{kv}"], theta_init)).tolist() for kv in ("k", "v")}
-    average = {name: {key: float(np.mean([results_tasks[t_][name][key] for t_ in tasks]))
-                      for key in ("acc", "acc_norm")} for name in METHODS}
-    average["n"] = sum(results_tasks[t_]["base"]["n"] for t_ in tasks)
+    average = macro_average(results_tasks)
     seconds["total"] = time.time() - t_start
     results = {
         "model": {"source": cfgs["lora"].model.source, "path": model_path},

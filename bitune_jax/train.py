@@ -81,8 +81,12 @@ def optim_config(cfg: Config) -> ts.OptimConfig:
                           mix_weight_decay=o.mix_weight_decay)
 
 
-def train(cfg: Config, *, allow_base_change: bool = False) -> dict:
+def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
     """Trains (or resumes) the run ``cfg`` describes; returns the summary (also in ``summary.json``).
+
+    ``model``: the already loaded ``cfg.model.source`` (``convert.load_model``
+    with its tokenizer, in ``cfg.model.dtype``), so that several runs on one
+    base model load it once; it is not modified. By default the loop loads it.
 
     Raises ``NonFiniteLossError`` on a NaN/inf loss, ``checkpoint.ResumeError``
     when the output directory holds a checkpoint this config may not continue.
@@ -94,7 +98,9 @@ def train(cfg: Config, *, allow_base_change: bool = False) -> dict:
 
     # --- Model and data -------------------------------------------------------
     model_path = assets.resolve_model_source(cfg.model.source)
-    model = load_model(model_path, dtype=cfg.model.dtype)
+    loaded_here = model is None
+    if loaded_here:
+        model = load_model(model_path, dtype=cfg.model.dtype)
     if model.tokenizer is None:
         raise data.DataError(f"{model_path}: no tokenizer files; training reads text rows")
     base_ref = checkpoint.base_reference(cfg.model.source, model_path)
@@ -111,7 +117,9 @@ def train(cfg: Config, *, allow_base_change: bool = False) -> dict:
     optimizer = ts.make_optimizer(optim_config(cfg), total_steps=cfg.train.steps)
     trainable = bitune.init_trainable(jax.random.PRNGKey(cfg.train.seed), model.cfg, method, model.params)
     state, base = ts.place(mesh, ts.init_state(trainable, optimizer), model.params)
-    model.params = trainable = None  # the placed copies are used from here on
+    trainable = None  # the placed copies are used from here on
+    if loaded_here:
+        model.params = None
 
     def next_batch():
         """``grad_accum`` local batches padded to one shape, concatenated, made one global array."""
@@ -293,11 +301,12 @@ class _SigtermFlag:
         return False
 
 
-def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None) -> int:
+def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None, model=None) -> int:
     """Writes the adapters of a run's checkpoint (default: the latest) in PEFT layout; returns the step.
 
     The run's saved config says which model, variant and optimizer built the
-    state, so the checkpoint restores into exactly that structure.
+    state, so the checkpoint restores into exactly that structure. ``model``:
+    that config's base model, already loaded (else it is loaded here).
     """
     from bitune_jax.adapters_io import export_adapters
 
@@ -311,8 +320,9 @@ def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None) 
             raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint at step {step} "
                                     f"(available: {sorted(ckpt.all_steps())})")
         cfg = Config.from_dict(ckpt.read_json(step, "config"), source=os.path.join(ckpt_dir, str(step), "config"))
-        model = load_model(assets.resolve_model_source(cfg.model.source), dtype=cfg.model.dtype,
-                           with_tokenizer=False)
+        if model is None:
+            model = load_model(assets.resolve_model_source(cfg.model.source), dtype=cfg.model.dtype,
+                               with_tokenizer=False)
         method = method_config(cfg)
         optimizer = ts.make_optimizer(optim_config(cfg), total_steps=cfg.train.steps)
         like = ts.init_state(bitune.init_trainable(jax.random.PRNGKey(0), model.cfg, method, model.params), optimizer)

@@ -257,6 +257,13 @@ def test_batches_match_examples_and_are_bucketed(examples):
             assert not b["answer_ids"][row, len(a):].any() and b["answer_len"][row] == len(a)
 
 
+def test_bucketing_never_pads_past_the_configured_maximum(examples):
+    longest = (max(len(p) for p, _ in examples), max(len(a) for _, a in examples))
+    cfg = _cfg(bucket=64, max_prompt_len=longest[0], max_answer_len=longest[1] + 1)
+    shapes = {(b["prompt_ids"].shape[1], b["answer_ids"].shape[1]) for b in _batches(examples, cfg, 12)}
+    assert shapes == {(longest[0], longest[1] + 1)}  # the cap, not 64
+
+
 def test_length_grouping_reduces_padding(examples):
     def padded(window):
         bs = _batches(examples, _cfg(sort_window=window, bucket=1), 6)

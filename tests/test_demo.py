@@ -85,10 +85,18 @@ def test_paired_difference_and_table():
     assert d["n"] == 4 and d["acc"] == 0.0 and d["acc_norm"] == pytest.approx(0.5)
     assert d["acc_stderr"] == pytest.approx(np.std([0, 1, 0, -1], ddof=1) / 2)
     m = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.4, "acc_norm_stderr": 0.1, "n": 4}
-    results = {"tasks": {"sciq": {"base": m, "lora": m, "bitune": m, "bitune_minus_lora": d}},
-               "average": {"n": 4, **{k: {"acc": 0.5, "acc_norm": 0.4} for k in demo.METHODS}}}
-    table = demo.format_table(results)
-    assert "sciq" in table and "0.500 ± 0.100" in table and "average" in table
+    m2 = {"acc": 0.7, "acc_stderr": 0.2, "acc_norm": 0.6, "acc_norm_stderr": 0.2, "n": 4}
+    per_task = {"sciq": {"base": m, "lora": m, "bitune": m, "bitune_minus_lora": d},
+                "arc_challenge": {"base": m2, "lora": m2, "bitune": m2, "bitune_minus_lora": d}}
+    avg = demo.macro_average(per_task)
+    assert avg["n"] == 8 and avg["lora"]["acc"] == pytest.approx(0.6)
+    assert avg["lora"]["acc_stderr"] == pytest.approx(np.sqrt(0.1 ** 2 + 0.2 ** 2) / 2)
+    assert avg["bitune_minus_lora"]["acc_norm"] == pytest.approx(0.5)
+    table = demo.format_table({"tasks": per_task, "average": avg})
+    assert "sciq" in table and "0.500 ± 0.100" in table and "0.600 ± 0.112" in table
+    rows = table.splitlines()
+    assert rows[2].startswith("sciq ") and rows[-1].startswith("average ")
+    assert len({len(r) for r in rows if not r.startswith("-")}) == 1  # columns line up, long task names too
 
 
 @pytest.mark.slow
