@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -143,7 +144,7 @@ def _adapter_post(x, y_nobias, bias, kernel, ad, name, peft_cfg, dropout_rng):
         xd = jnp.where(keep, x / (1.0 - peft_cfg.dropout), 0).astype(x.dtype)
     a = ad["lora_a"].astype(x.dtype)
     b = ad["lora_b"].astype(x.dtype)
-    delta = (xd @ a) @ b * jnp.asarray(peft_cfg.scaling, x.dtype)
+    delta = _lora_delta(xd, a, b, peft_cfg.scaling)
     if peft_cfg.method == "lora":
         y = y_nobias + delta
     else:  # DoRA: magnitude / ||W + s B A|| (norm treated as a constant, as in the DoRA paper)
@@ -153,6 +154,39 @@ def _adapter_post(x, y_nobias, bias, kernel, ad, name, peft_cfg, dropout_rng):
         factor = (ad["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
         y = (y_nobias + delta) * factor
     return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lora_delta(x, a, b, scaling):
+    """``(x @ a) @ b * scaling`` with a hand-written backward pass (same math as autodiff).
+
+    Autodiff's weight gradients ``x^T g`` led XLA:CPU, inside the layer scan,
+    to materialise a transposed copy of the large ``[tokens, features]``
+    operand for every adapter (a strided fusion costing ~20% of the backward
+    on SmolLM2-135M). Computing each gradient as the transpose of the flipped
+    product (a small ``[features, rank]`` transpose) avoids those copies.
+    """
+    return (x @ a) @ b * jnp.asarray(scaling, x.dtype)
+
+
+def _lora_delta_fwd(x, a, b, scaling):
+    h = x @ a
+    return h @ b * jnp.asarray(scaling, x.dtype), (x, a, b, h)
+
+
+def _lora_delta_bwd(scaling, res, g):
+    x, a, b, h = res
+    g = g * jnp.asarray(scaling, g.dtype)
+    gh = g @ b.T  # [..., r]
+    dx = gh @ a.T
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    h2, gh2 = h.reshape(-1, h.shape[-1]), gh.reshape(-1, gh.shape[-1])
+    da = jnp.einsum("nr,ni->ri", gh2, x2).T
+    db = jnp.einsum("no,nr->or", g2, h2).T
+    return dx, da.astype(a.dtype), db.astype(b.dtype)
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def dense(xs: Sequence[jax.Array], proj: dict, name: str, adapters: Sequence, peft_cfg: Optional[PeftConfig],
