@@ -111,14 +111,14 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     proc = subprocess.run([sys.executable, "-m", "bitune_jax.cli", "demo", "--quick", "--steps", "3",
-                           "--eval-items", "8", "--tasks", "sciq_support,arc_easy", "--no-install", "--out", str(out)],
+                           "--eval-items", "8", "--tasks", "sciq,arc_easy", "--no-install", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "bitune - lora" in proc.stdout and "sciq_support" in proc.stdout
+    assert "bitune - lora" in proc.stdout and "sciq" in proc.stdout
 
     results = json.loads((out / "results.json").read_text())
     assert results["quick"] is True
-    assert set(results["tasks"]) == {"sciq_support", "arc_easy"}
+    assert set(results["tasks"]) == {"sciq", "arc_easy"}
     for task, per in results["tasks"].items():
         for name in ("base", "lora", "bitune"):
             m = per[name]

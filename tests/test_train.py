@@ -365,3 +365,24 @@ def test_export_adapters_of_a_run_round_trips(files, uninterrupted, tmp_path):
         matched += 1
     assert matched == len(flat) > 0
     assert cli.main(["export-adapters", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+
+
+def test_a_preloaded_model_trains_and_exports_exactly_as_a_loaded_one(files, tmp_path):
+    """``train(cfg, model=m)`` (how the demo shares one load) equals ``train(cfg)`` bitwise and leaves m intact."""
+    import jax
+    from bitune_jax.convert import load_model
+    from bitune_jax.train import export_run_adapters, train
+
+    common = {"steps": 2, "save_every": 2, "eval_every": 0}
+    model = load_model(str(files[0] / "model"))
+    before = jax.tree_util.tree_map(np.asarray, model.params)
+    own = train(_config(files, tmp_path / "own", data={"eval": None}, train=common))
+    shared = train(_config(files, tmp_path / "shared", data={"eval": None}, train=common), model=model)
+    assert own["train_loss"] == shared["train_loss"]
+    a, b = _state(str(tmp_path / "own"), 2), _state(str(tmp_path / "shared"), 2)
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, model.params), before)
+    export_run_adapters(str(tmp_path / "own"), str(tmp_path / "ex_own"))
+    export_run_adapters(str(tmp_path / "shared"), str(tmp_path / "ex_shared"), model=model)
+    for sub in ("causal/adapter_model.safetensors", "bidirectional/adapter_model.safetensors", "mixing.safetensors"):
+        assert (tmp_path / "ex_own" / sub).read_bytes() == (tmp_path / "ex_shared" / sub).read_bytes(), sub
