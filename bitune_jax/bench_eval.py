@@ -21,7 +21,6 @@ runs once before timing). On CPU only the ratios are meaningful.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -34,7 +33,6 @@ import numpy as np
 from bitune_jax import bitune, tasks
 from bitune_jax.evaluate import encode_mc, score_choices, score_choices_naive
 from bitune_jax.generate import Sampling, decode, start
-from bitune_jax.models import transformer as T
 from bitune_jax.peft import PeftConfig
 
 

@@ -32,11 +32,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+
+from bitune_jax.fileio import write_json_atomic
 
 # Config keys that may differ between a checkpoint and the run resuming it:
 # they change where things are written, how often, the device layout or the
@@ -221,17 +222,4 @@ def check_resume(saved_config: Mapping[str, Any], config: Mapping[str, Any], sav
             "allow_base_change=True (--allow-base-change) to continue on the new ones.")
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes ``obj`` as JSON through a temporary file and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 

@@ -12,15 +12,14 @@ import sys
 
 
 def cmd_score(args):
-    from bitune_jax import score
-
+    from bitune_jax import fileio, score
     from bitune_jax.adapters_io import load_with_adapters
 
     model, trainable, method = load_with_adapters(args.model, args.adapters, args.variant, args.dtype)
     rows = score.read_jsonl(args.data)
     out = score.score_rows(model, rows, trainable=trainable, method=method, add_eos=not args.no_eos,
                            batch_size=args.batch_size, source=args.data, progress=not args.quiet)
-    score.write_jsonl_atomic(args.out, out)
+    fileio.write_jsonl_atomic(args.out, out)
     tokens = sum(r["num_tokens"] for r in out)
     nll = sum(r["nll_sum"] for r in out)
     print(f"scored {len(out)} rows, {tokens} answer tokens, mean NLL/token {nll / max(tokens, 1):.4f} -> {args.out}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import typing
 from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
 
@@ -552,14 +551,6 @@ def _plain(value):
 
 def save_config(cfg: Config, path: str) -> None:
     """Writes ``cfg`` as YAML atomically (temporary file, then ``os.replace``)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from bitune_jax.fileio import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -66,8 +65,8 @@ from bitune_jax.adapters_io import load_adapters_for_scoring
 from bitune_jax.bitune import mix_alpha
 from bitune_jax.config import config_to_dict, load_config
 from bitune_jax.convert import load_model
-from bitune_jax.evaluate import evaluate_mc, write_atomic
-from bitune_jax.score import write_jsonl_atomic
+from bitune_jax.evaluate import evaluate_mc
+from bitune_jax.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
 from bitune_jax.tasks import MCItem
 from bitune_jax.text import format_plain
 
@@ -251,16 +250,11 @@ def plot_comparison(results: Dict, png_path: str) -> str:
     ax.set_title("Bitune mixing after training")
     ax.legend()
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(png_path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, ".tmp-" + os.path.basename(png_path))
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, png_path)
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return png_path
 
 
@@ -388,7 +382,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
                         "comparison_png": plot_comparison(results, os.path.join(out_dir, "comparison.png")),
                         "training_png": {v: runs[v].get("plot") for v in runs}}
     results["seconds"]["total"] = round(time.time() - t_start, 1)
-    write_atomic(results["files"]["results"], json.dumps(results, indent=1))
+    write_json_atomic(results["files"]["results"], results)
     print(format_table(results))
     print(f"Bitune - LoRA: paired difference on the same items (± its standard error). "
           f"{results['seconds']['total']:.0f} s in all; results: {results['files']['results']}, "

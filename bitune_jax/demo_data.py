@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 from typing import Dict, List, Tuple
 
@@ -110,7 +109,7 @@ def demo_rows(task: str = "sciq", eval_percent: int = 20) -> Tuple[List[dict], L
 
 def write_demo_data(out_dir: str = "data/demo", task: str = "sciq", eval_percent: int = 20) -> Dict[str, str]:
     """Writes ``train.jsonl`` and ``eval.jsonl`` into ``out_dir``; returns their paths."""
-    from bitune_jax.score import write_jsonl_atomic
+    from bitune_jax.fileio import write_jsonl_atomic
 
     train, held_out = demo_rows(task, eval_percent)
     paths = {"train": os.path.join(out_dir, "train.jsonl"), "eval": os.path.join(out_dir, "eval.jsonl")}

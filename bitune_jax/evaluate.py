@@ -35,8 +35,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -46,6 +44,7 @@ import numpy as np
 
 from bitune_jax import bitune
 from bitune_jax.adapters_io import load_with_adapters
+from bitune_jax.fileio import write_text_atomic
 from bitune_jax import tasks as task_lib
 from bitune_jax.models import transformer as T
 from bitune_jax.models.config import ModelConfig
@@ -233,21 +232,6 @@ def evaluate_generation(base, cfg: ModelConfig, tokenizer, items: Sequence[task_
 
 
 # --------------------------------------------------------------------------- runs
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def format_table(results: Dict) -> str:
     """A plain-text table of a :func:`run_eval` result."""
     lines = [f"{'task':<24} {'n':>6}  {'metric':<20} {'value':>8}  {'stderr':>7}"]
@@ -304,7 +288,7 @@ def run_eval(model_src: str, adapters: Optional[str] = None, variant: Optional[s
         if per_item:
             results["items"][name] = rows
         if out:
-            write_atomic(out, json.dumps(results, indent=1))
+            write_text_atomic(out, json.dumps(results, indent=1))
     if not quiet:
         print(format_table(results))
     return results

@@ -350,16 +350,14 @@ def run_generate(model_src: str, prompts: Sequence[str], adapters: Optional[str]
     JSONL to ``out`` (atomically) when given.
     """
     from bitune_jax.adapters_io import load_with_adapters
-    from bitune_jax.evaluate import write_atomic
+    from bitune_jax.fileio import write_jsonl_atomic
 
     model, trainable, method = load_with_adapters(model_src, adapters, variant, dtype)
     gens = generate(model.params, model.cfg, model.tokenizer, list(prompts), trainable, method, **gen_kwargs)
     rows = [{"prompt": p, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
             for p, g in zip(prompts, gens)]
     if out:
-        import json
-
-        write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl_atomic(out, rows)
     return rows
 
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional
+
+from bitune_jax.fileio import atomic_path, write_jsonl_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -54,12 +55,7 @@ def truncate_after(path: str, step: int) -> None:
     """
     if not os.path.isfile(path):
         return
-    keep = [r for r in read_metrics(path) if r["step"] <= step]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in keep:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_jsonl_atomic(path, [r for r in read_metrics(path) if r["step"] <= step])
 
 
 class MetricsWriter:
@@ -153,16 +149,11 @@ def plot_training(metrics_path: str, png_path: str) -> Optional[str]:
             ax.set_title(f"{name} per layer")
             ax.legend(fontsize="small")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(png_path)))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, png_path)
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return png_path
 
 

@@ -19,10 +19,8 @@ Example:
 from __future__ import annotations
 
 import functools
-import json
 import os
-import tempfile
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,22 +42,6 @@ def read_jsonl(path: str) -> List[dict]:
             raise DataError(f"{raw.where}: {raw.problem}")
         rows.append(dict(raw.fields))
     return rows
-
-
-def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
-    """Writes rows to ``path`` through a temporary file, so a failure leaves no partial file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def encode_rows(rows: List[dict], tokenizer, vocab_size: int, *, add_eos: bool = True, source: str = "<rows>"):

@@ -62,6 +62,7 @@ from bitune_jax import sharding as shd
 from bitune_jax import train_step as ts
 from bitune_jax.config import Config, config_to_dict, load_config, save_config
 from bitune_jax.convert import load_model
+from bitune_jax.fileio import write_json_atomic
 
 
 class NonFiniteLossError(ValueError):
@@ -231,7 +232,7 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
                "metrics": log.path, "plot": None}
     if main:
         summary["plot"] = metrics.plot_training(log.path, os.path.join(out_dir, metrics.PLOT_FILE))
-        checkpoint.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+        write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     if status == "non_finite":
         raise NonFiniteLossError(
             f"non-finite training loss ({loss}) at step {step}; stopped without saving it. "

@@ -1,7 +1,6 @@
 """Helpers shared by tests: tiny random transformers models saved to disk."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any
 
 from bitune_jax.convert.common import ModelFileError
 from bitune_jax.models.config import ModelConfig

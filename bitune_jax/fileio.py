@@ -1,0 +1,71 @@
+"""Atomic file writes: nothing is ever half-written.
+
+Every output file of the library (results, JSONL rows, configs, plots,
+summaries) is written to a temporary file in the target folder and moved
+into place with ``os.replace``, which is atomic on POSIX file systems: a
+reader sees the old file or the complete new one, and a crash or an error
+leaves no partial file behind (the temporary file is removed).
+
+Example:
+
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> write_text_atomic(os.path.join(d, "out.json"), '{"acc": 0.5}')
+    >>> with atomic_path(os.path.join(d, "plot.png")) as tmp:
+    ...     open(tmp, "wb").write(b"...")  # e.g. fig.savefig(tmp, format="png")
+    3
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Iterable, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path next to ``path``; on a clean exit it becomes ``path``.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give it
+    (``mkstemp`` alone would leave it readable by its owner only). On an
+    exception the temporary file is removed and ``path`` is untouched.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes ``obj`` as indented JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
+    """Writes one JSON object per line to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
