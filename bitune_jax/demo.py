@@ -282,6 +282,10 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
       "average", "alpha", "runs", "data", "config", "seconds", "files", ...}``.
     """
     t_start = time.time()
+    bad = [t for t in tasks if t not in demo_data.TASKS]
+    if bad or not tasks:
+        raise ValueError(f"demo tasks {list(tasks)}: {'unknown ' + str(bad) if bad else 'none given'}; "
+                         f"allowed: {', '.join(demo_data.TASKS)}")
     out_dir = os.path.abspath(out_dir)
     preset = PRESETS["quick" if quick else "full"]
     eval_items = preset["eval_items"] if eval_items is None else eval_items

@@ -77,6 +77,13 @@ def test_runs_differ_in_variant_and_output_dir_only(tmp_path):
         assert cfgs["lora"]["train"]["steps"] == 3 and cfgs["lora"]["data"]["train"]["path"] == "t.jsonl"
 
 
+def test_unknown_tasks_fail_before_any_work(tmp_path):
+    for tasks_ in (("sciq", "mmlu"), ()):
+        with pytest.raises(ValueError, match="allowed: sciq, sciq_support"):
+            demo.run_demo(str(tmp_path / "out"), tasks=tasks_, install=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_paired_difference_and_table():
     items = [tasks.MCItem("c", ["a", "b"], 0, str(i)) for i in range(4)]
     lora = [{"pred": p, "pred_norm": p} for p in (0, 1, 1, 0)]
