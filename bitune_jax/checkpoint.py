@@ -220,6 +220,3 @@ def check_resume(saved_config: Mapping[str, Any], config: Mapping[str, Any], sav
             f"sha256 {str(saved_base.get('sha256'))[:12]}..., now: {base.get('path')} sha256 "
             f"{str(base.get('sha256'))[:12]}...). Point model.source at the original weights, or pass "
             "allow_base_change=True (--allow-base-change) to continue on the new ones.")
-
-
-
