@@ -504,11 +504,11 @@ class _LocalBatch:
         self._include_ids = include_ids
 
     def __call__(self, idx: np.ndarray) -> Dict[str, np.ndarray]:
-        pad_to = tuple(_round_up(int(m), self._bucket) for m in self._lengths[idx].max(axis=0))
+        longest = [int(m) for m in self._lengths[idx].max(axis=0)]
+        pad_to = tuple(_round_up(m, self._bucket) for m in longest)
         if self._max_lens is not None:
             # Rounding past the configured maximum would only add padding: no example is longer.
-            pad_to = tuple(min(p, max(cap, int(m))) for p, cap, m in
-                           zip(pad_to, self._max_lens, self._lengths[idx].max(axis=0)))
+            pad_to = tuple(min(p, max(cap, m)) for p, cap, m in zip(pad_to, self._max_lens, longest))
         local = np.array_split(idx, self._n)[self._p]
         batch = collate([self._examples[i] for i in local], self._bucket, pad_to=pad_to)
         if self._include_ids:

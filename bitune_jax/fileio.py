@@ -20,31 +20,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import uuid
 from typing import Iterable, Iterator
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temporary path next to ``path``; on a clean exit it becomes ``path``.
 
-    The file gets the permissions a plain ``open(path, "w")`` would give it
-    (``mkstemp`` alone would leave it readable by its owner only). On an
-    exception the temporary file is removed and ``path`` is untouched.
+    The file is created with mode 0o666 filtered by the umask, so it gets the
+    permissions a plain ``open(path, "w")`` would give it (``mkstemp`` would
+    make it readable by its owner only). On an exception the temporary file is
+    removed and ``path`` is untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
-    os.close(fd)
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
