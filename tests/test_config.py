@@ -9,7 +9,7 @@ import yaml
 
 from bitune_jax.config import (Config, ConfigError, DataSource, config_to_dict, load_config, parse_override,
                                save_config)
-from bitune_jax.peft import PeftConfig
+from bitune_jax.model.peft import PeftConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

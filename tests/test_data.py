@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bitune_jax import data, text
+from bitune_jax.data import pipeline as data
+
+from bitune_jax.data import text
 from bitune_jax.config import DataFormat, DataSection
 
 N_ROWS = 48

@@ -12,7 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from bitune_jax import demo, demo_data, tasks
+from bitune_jax.apps import demo
+
+from bitune_jax.data import demo_data
+
+from bitune_jax.data import tasks
 from bitune_jax.config import config_to_dict
 
 
@@ -110,7 +114,7 @@ def test_paired_difference_and_table():
 @pytest.mark.real_model
 def test_demo_quick_end_to_end(tmp_path):
     """The --quick path, reduced (3 steps, 8 items of 2 of its tasks): both runs train, all three are evaluated."""
-    from bitune_jax.assets import SMOLLM2_INSTALL, smollm2_gguf_path
+    from bitune_jax.conversion.assets import SMOLLM2_INSTALL, smollm2_gguf_path
 
     if smollm2_gguf_path() is None:
         pytest.skip(f"SmolLM2 GGUF not installed ({SMOLLM2_INSTALL})")

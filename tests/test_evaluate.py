@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from bitune_jax import bitune, tasks
-from bitune_jax.evaluate import evaluate_mc, mc_metrics, run_eval, score_choices, score_choices_naive
-from bitune_jax.models import transformer as T
-from bitune_jax.peft import PeftConfig
+from bitune_jax import bitune
+
+from bitune_jax.data import tasks
+from bitune_jax.evaluation.evaluate import evaluate_mc, mc_metrics, run_eval, score_choices, score_choices_naive
+from bitune_jax.model import transformer as T
+from bitune_jax.model.peft import PeftConfig
 from test_generate import CFG, random_trainable
 
 rng = np.random.RandomState(0)
@@ -57,7 +59,7 @@ def test_shared_prefix_equals_naive(base, variant):
 
 def test_greedy_flags(base):
     """A continuation built from the model's own argmax tokens is greedy; a perturbed one is not."""
-    from bitune_jax.generate import generate
+    from bitune_jax.evaluation.generate import generate
 
     ctx = CONTEXTS[2]
     toks = generate(base, CFG, None, [ctx], max_new_tokens=4, eos_token_ids=())[0].token_ids
@@ -123,8 +125,8 @@ def test_packaged_task_data():
 
 def test_run_eval_writes_json(tmp_path, monkeypatch, base):
     """run_eval end to end on a tiny model and a JSONL task file (model loading stubbed)."""
-    from bitune_jax import evaluate
-    from bitune_jax.convert import LoadedModel
+    from bitune_jax.evaluation import evaluate
+    from bitune_jax.conversion import LoadedModel
 
     data = tmp_path / "arc.jsonl"
     rows = [{"id": f"q{i}", "question": f"q {i}?", "answerKey": "B",
@@ -150,8 +152,8 @@ def test_smollm2_arc_easy_predictions_match_transformers():
     torch = pytest.importorskip("torch")
     import transformers
 
-    from bitune_jax.assets import SMOLLM2_INSTALL, smollm2_gguf_path
-    from bitune_jax.convert import load_model
+    from bitune_jax.conversion.assets import SMOLLM2_INSTALL, smollm2_gguf_path
+    from bitune_jax.conversion import load_model
 
     path = smollm2_gguf_path()
     if path is None:
@@ -195,9 +197,9 @@ def test_lm_eval_adapter(base):
     from lm_eval.api.instance import Instance
     from lm_eval.api.model import LM
 
-    from bitune_jax.convert import LoadedModel
-    from bitune_jax.generate import generate
-    from bitune_jax.lm_eval_adapter import BituneLM
+    from bitune_jax.conversion import LoadedModel
+    from bitune_jax.evaluation.generate import generate
+    from bitune_jax.evaluation.lm_eval_adapter import BituneLM
 
     method = bitune.MethodConfig(variant="bitune", peft=PeftConfig(rank=4, alpha=8.0))
     tr = random_trainable(CFG, method, seed=2, base=base)
@@ -235,7 +237,7 @@ def test_lm_eval_adapter_without_harness(monkeypatch):
     import builtins
     import importlib
 
-    import bitune_jax.lm_eval_adapter as mod
+    import bitune_jax.evaluation.lm_eval_adapter as mod
 
     real_import = builtins.__import__
 

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax import attention as attn_lib
-from bitune_jax.convert.hf import load_hf
-from bitune_jax.models import families
-from bitune_jax.models.config import ModelConfig
-from bitune_jax.models.transformer import forward, init_params
+from bitune_jax.model import attention as attn_lib
+from bitune_jax.conversion.hf import load_hf
+from bitune_jax.conversion import families
+from bitune_jax.model.config import ModelConfig
+from bitune_jax.model.transformer import forward, init_params
 from hf_utils import tiny_hf_model, torch_logits
 
 TOL = 1e-4
@@ -281,7 +281,7 @@ def _write_gemma_gguf(path, model, arch, extra=None):
 
 
 def test_synthetic_gemma_gguf(tmp_path):
-    from bitune_jax.convert.gguf import load_gguf
+    from bitune_jax.conversion.gguf import load_gguf
 
     model = tiny_hf_model("gemma", str(tmp_path / "hf"))
     params, cfg = load_gguf(_write_gemma_gguf(tmp_path / "g.gguf", model, "gemma"))
@@ -292,7 +292,7 @@ def test_synthetic_gemma_gguf(tmp_path):
 
 def test_synthetic_gemma3_gguf_llamacpp_defaults(tmp_path):
     """No Gemma-3 extras in the metadata: llama.cpp's fixed pattern (every 6th layer global), local base 10000."""
-    from bitune_jax.convert.gguf import load_gguf
+    from bitune_jax.conversion.gguf import load_gguf
 
     model = tiny_hf_model("gemma3", str(tmp_path / "hf"), num_hidden_layers=7, layer_types=None,
                           query_pre_attn_scalar=32, final_logit_softcapping=None,
@@ -308,7 +308,7 @@ def test_synthetic_gemma3_gguf_llamacpp_defaults(tmp_path):
 def test_synthetic_gemma3_gguf_with_metadata(tmp_path):
     """Per-layer pattern, local RoPE base, query scale, linear scaling and final softcap read from metadata."""
     import gguf
-    from bitune_jax.convert.gguf import load_gguf
+    from bitune_jax.conversion.gguf import load_gguf
 
     model = tiny_hf_model("gemma3", str(tmp_path / "hf"))
     extra = [lambda w: w.add_sliding_window_pattern([True, True, False, True]),
@@ -335,7 +335,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def gemma3_real():
-    from bitune_jax.assets import GEMMA3_INSTALL, gemma3_gguf_path
+    from bitune_jax.conversion.assets import GEMMA3_INSTALL, gemma3_gguf_path
 
     path = gemma3_gguf_path()
     if path is None:
@@ -343,8 +343,8 @@ def gemma3_real():
     import torch
     import transformers
 
-    from bitune_jax.convert import load_tokenizer
-    from bitune_jax.convert.gguf import load_gguf
+    from bitune_jax.conversion import load_tokenizer
+    from bitune_jax.conversion.gguf import load_gguf
 
     tok = load_tokenizer(path)
     ids = [tok(s)["input_ids"] for s in SENTENCES]

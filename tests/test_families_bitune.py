@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bitune_jax import bitune
-from bitune_jax.convert.hf import load_hf
-from bitune_jax.peft import PeftConfig
+from bitune_jax.conversion.hf import load_hf
+from bitune_jax.model.peft import PeftConfig
 from hf_utils import tiny_hf_model
 
 EXAMPLES = [([3, 5, 9, 11, 4, 6, 7, 8, 2, 10, 12, 13, 14, 15], [7, 8, 9]), ([4, 6], [5, 5, 5, 1])]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from bitune_jax import bitune
-from bitune_jax.generate import decode_step, generate, start
-from bitune_jax.models import transformer as T
-from bitune_jax.models.config import ModelConfig
-from bitune_jax.peft import PeftConfig
+from bitune_jax.evaluation.generate import decode_step, generate, start
+from bitune_jax.model import transformer as T
+from bitune_jax.model.config import ModelConfig
+from bitune_jax.model.peft import PeftConfig
 from hf_utils import tiny_hf_model
 
 CFG = ModelConfig(family="llama", vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -60,7 +60,7 @@ def _hf_greedy(model, prompt, n, eos):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_greedy_matches_transformers_padded_batch(tmp_path, kind):
     pytest.importorskip("torch")
-    from bitune_jax.convert.hf import load_hf
+    from bitune_jax.conversion.hf import load_hf
 
     model = tiny_hf_model(kind, str(tmp_path))
     params, cfg = load_hf(str(tmp_path))
@@ -75,8 +75,8 @@ def test_greedy_matches_transformers_padded_batch(tmp_path, kind):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from bitune_jax.assets import SMOLLM2_INSTALL, smollm2_gguf_path
-    from bitune_jax.convert import load_model
+    from bitune_jax.conversion.assets import SMOLLM2_INSTALL, smollm2_gguf_path
+    from bitune_jax.conversion import load_model
 
     path = smollm2_gguf_path()
     if path is None:
@@ -184,7 +184,7 @@ def test_seeds_are_reproducible_and_batch_independent(base):
 
 
 def test_sample_token_filters():
-    from bitune_jax.generate import Sampling, sample_token
+    from bitune_jax.evaluation.generate import Sampling, sample_token
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
     keys = jax.random.split(jax.random.PRNGKey(0), 2000)

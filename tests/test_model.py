@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax.convert.hf import load_hf
-from bitune_jax.models import transformer as T
+from bitune_jax.conversion.hf import load_hf
+from bitune_jax.model import transformer as T
 from hf_utils import tiny_hf_model, torch_logits
 
 IDS = np.array([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 0, 0, 0], [3, 4, 0, 0, 0, 0, 0, 0]])
@@ -97,7 +97,7 @@ def test_bfloat16_runs_and_is_close(models, tmp_path):
 
 
 def test_fast_attention_matches_reference():
-    from bitune_jax.attention import dot_product_attention, make_mask
+    from bitune_jax.model.attention import dot_product_attention, make_mask
 
     rng = np.random.default_rng(0)
     b, t, h, kvh, d = 2, 9, 4, 2, 16

@@ -1,6 +1,6 @@
 """Multi-process start-up, and two processes on localhost training exactly what one process does.
 
-The start-up tests check :func:`bitune_jax.distributed.initialize`'s modes
+The start-up tests check :func:`bitune_jax.training.distributed.initialize`'s modes
 and errors without starting anything. In the slow tests every run is
 ``bitune-jax train`` in fresh subprocesses. The two-process runs go through
 ``launch/local_cpu.sh`` (jax.distributed with gloo CPU collectives,
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bitune_jax import distributed
+from bitune_jax.training import distributed
 from hf_utils import save_word_tokenizer, tiny_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -45,8 +45,8 @@ def test_score_ids_rows_match_torch_and_keep_order(llama_dir, tmp_path):
 
 
 def test_score_text_rows_use_training_tokenization(tmp_path):
-    from bitune_jax import score
-    from bitune_jax.text import encode_pair
+    from bitune_jax.evaluation import score
+    from bitune_jax.data.text import encode_pair
 
     class Tok:
         eos_token_id = 2
@@ -130,7 +130,7 @@ def test_sharded_safetensors_index(llama_dir, tmp_path):
     """A sharded checkpoint (model.safetensors.index.json) loads to the same parameters."""
     import jax
     from safetensors.numpy import load_file, save_file
-    from bitune_jax.convert.hf import load_hf
+    from bitune_jax.conversion.hf import load_hf
 
     d, _ = llama_dir
     m = _copy_model(d, tmp_path / "sharded")
@@ -158,9 +158,9 @@ def test_score_with_exported_bitune_adapters(llama_dir, tmp_path, variant):
     import jax.numpy as jnp
 
     from bitune_jax import bitune
-    from bitune_jax.adapters_io import export_adapters
-    from bitune_jax.convert.hf import load_hf
-    from bitune_jax.peft import PeftConfig
+    from bitune_jax.conversion.adapters import export_adapters
+    from bitune_jax.conversion.hf import load_hf
+    from bitune_jax.model.peft import PeftConfig
 
     d, _ = llama_dir
     base, cfg = load_hf(d)

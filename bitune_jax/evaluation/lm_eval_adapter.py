@@ -3,11 +3,11 @@
 ``BituneLM`` implements the harness's three requests on top of this
 package: ``loglikelihood`` groups requests by context and scores every
 continuation of a context against one shared Bitune prefill
-(:func:`bitune_jax.evaluate.score_choices`); ``loglikelihood_rolling`` scores
+(:func:`bitune_jax.evaluation.evaluate.score_choices`); ``loglikelihood_rolling`` scores
 the harness's disjoint rolling windows the same way; ``generate_until`` calls
-:func:`bitune_jax.generate.generate` with the request's stop strings.
+:func:`bitune_jax.evaluation.generate.generate` with the request's stop strings.
 
-Tokenization follows :mod:`bitune_jax.text`: the context with the
+Tokenization follows :mod:`bitune_jax.data.text`: the context with the
 tokenizer's special tokens, the continuation without. As in the harness,
 trailing whitespace of a context moves to the front of its continuation, an
 empty context becomes the prefix token (BOS, or EOS when the tokenizer has no
@@ -20,7 +20,7 @@ harness as model ``"bitune_jax"``.
 
 Example:
 
-    >>> from bitune_jax.lm_eval_adapter import BituneLM          # doctest: +SKIP
+    >>> from bitune_jax.evaluation.lm_eval_adapter import BituneLM          # doctest: +SKIP
     >>> import lm_eval                                             # doctest: +SKIP
     >>> lm = BituneLM(model="smollm2", adapters="runs/x/adapters")  # doctest: +SKIP
     >>> lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])      # doctest: +SKIP
@@ -47,12 +47,12 @@ class _BituneLMImpl:
                  dtype: str = "float32", batch_size: int = 8, max_length: Optional[int] = None,
                  max_gen_toks: int = 256, *, loaded=None, trainable=None, method=None, **_ignored):
         """Either ``model`` (path or packaged name, plus ``adapters``/``variant``) or ``loaded``
-        (a :class:`bitune_jax.convert.LoadedModel`) with ``trainable``/``method``."""
+        (a :class:`bitune_jax.conversion.LoadedModel`) with ``trainable``/``method``."""
         super().__init__()
         if loaded is None:
             if model is None:
                 raise ValueError("BituneLM needs model=<path or name> or loaded=<LoadedModel>")
-            from bitune_jax.adapters_io import load_with_adapters
+            from bitune_jax.conversion.adapters import load_with_adapters
 
             loaded, trainable, method = load_with_adapters(model, adapters, variant, dtype)
         self.model, self.trainable, self.method = loaded, trainable, method
@@ -75,7 +75,7 @@ class _BituneLMImpl:
 
     def _score(self, pairs) -> List[tuple]:
         """``(ll, is_greedy)`` per ``(context_ids, continuation_ids)``; shared prefixes per distinct context."""
-        from bitune_jax.evaluate import score_choices
+        from bitune_jax.evaluation.evaluate import score_choices
 
         groups: Dict[tuple, List[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
@@ -112,7 +112,7 @@ class _BituneLMImpl:
         return totals
 
     def generate_until(self, requests) -> List[str]:
-        from bitune_jax.generate import generate
+        from bitune_jax.evaluation.generate import generate
 
         groups: Dict[str, List[int]] = {}
         kwargs_of = {}

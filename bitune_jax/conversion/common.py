@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from bitune_jax.models.transformer import param_shapes
+from bitune_jax.model.transformer import param_shapes
 
 
 class ModelFileError(ValueError):

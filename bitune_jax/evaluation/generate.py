@@ -33,7 +33,7 @@ whatever the batch size or the order of the prompts.
 
 Example:
 
-    >>> from bitune_jax.convert import load_model                  # doctest: +SKIP
+    >>> from bitune_jax.conversion import load_model                  # doctest: +SKIP
     >>> m = load_model(smollm2_gguf_path())                          # doctest: +SKIP
     >>> out = generate(m.params, m.cfg, m.tokenizer, ["Question: What is 2+2?\\n\\nAnswer:"],
     ...                max_new_tokens=16, stop=["\\n\\n"])           # doctest: +SKIP
@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import bitune
-from bitune_jax.models import transformer as T
-from bitune_jax.models.config import ModelConfig
+from bitune_jax.model import transformer as T
+from bitune_jax.model.config import ModelConfig
 
 
 # --------------------------------------------------------------------------- public types
@@ -349,7 +349,7 @@ def run_generate(model_src: str, prompts: Sequence[str], adapters: Optional[str]
     (``prompt``, ``text``, ``token_ids``, ``finish_reason``), also written as
     JSONL to ``out`` (atomically) when given.
     """
-    from bitune_jax.adapters_io import load_with_adapters
+    from bitune_jax.conversion.adapters import load_with_adapters
     from bitune_jax.fileio import write_jsonl_atomic
 
     model, trainable, method = load_with_adapters(model_src, adapters, variant, dtype)
@@ -388,7 +388,7 @@ def _cmd_generate(args):
         with open(args.prompts) as f:
             prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
     if args.data:
-        from bitune_jax.score import read_jsonl
+        from bitune_jax.evaluation.score import read_jsonl
 
         for n, row in enumerate(read_jsonl(args.data), 1):
             if not isinstance(row.get("prompt"), str):

@@ -2,7 +2,7 @@
 
 Each input row is either ``{"prompt_ids": [...], "answer_ids": [...]}`` (used
 exactly as given) or ``{"prompt": "...", "answer": "..."}`` (tokenized with
-``bitune_jax.text.encode_pair``: the training rule, EOS appended to the answer
+``bitune_jax.data.text.encode_pair``: the training rule, EOS appended to the answer
 unless ``add_eos=False``). Each output row is the input row plus ``nll_sum``
 (sum of the answer tokens' negative log-likelihoods, nats) and ``num_tokens``.
 
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import bitune
-from bitune_jax import data as data_lib
-from bitune_jax.data import DataError
-from bitune_jax.text import encode_pair
+from bitune_jax.data import pipeline as data_lib
+from bitune_jax.data.pipeline import DataError
+from bitune_jax.data.text import encode_pair
 
 
 def read_jsonl(path: str) -> List[dict]:
@@ -104,7 +104,7 @@ def score_examples(base, cfg, examples, trainable=None, method: Optional[bitune.
 
 def score_rows(model, rows: List[dict], *, trainable=None, method=None, add_eos: bool = True, batch_size: int = 8,
                source: str = "<rows>", progress: bool = False) -> List[dict]:
-    """Scores rows with a :class:`bitune_jax.convert.LoadedModel`; returns rows with ``nll_sum``/``num_tokens``."""
+    """Scores rows with a :class:`bitune_jax.conversion.LoadedModel`; returns rows with ``nll_sum``/``num_tokens``."""
     examples = encode_rows(rows, model.tokenizer, model.cfg.vocab_size, add_eos=add_eos, source=source)
     scores = score_examples(model.params, model.cfg, examples, trainable, method, batch_size=batch_size,
                             progress=progress)

@@ -9,7 +9,7 @@ Next to the time ratio it prints the token-count ratio of the issue,
 its extra prompt tokens.
 
 Evaluation benchmarks (shared-prefix vs naive multiple-choice scoring, decode
-speed of ``bitune`` vs ``lora``) live in :mod:`bitune_jax.bench_eval`;
+speed of ``bitune`` vs ``lora``) live in :mod:`bitune_jax.apps.bench_eval`;
 ``bitune-jax bench`` runs all of them.
 
 Example::
@@ -31,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitune_jax import bitune, train_step as ts
-from bitune_jax.peft import PeftConfig
+from bitune_jax import bitune
+
+from bitune_jax.training import step as ts
+from bitune_jax.model.peft import PeftConfig
 
 
 def _batch(vocab, b, p, a, seed=0):
@@ -105,8 +107,8 @@ def train_step_bench(base, cfg, *, batch=8, prompt=192, answer=64, steps=3, vari
 
 
 def _tiny_model():
-    from bitune_jax.models.config import ModelConfig
-    from bitune_jax.models.transformer import init_params
+    from bitune_jax.model.config import ModelConfig
+    from bitune_jax.model.transformer import init_params
 
     cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16)
@@ -118,8 +120,8 @@ def load_bench_model(model="smollm2", quick=False):
     if quick:
         base, cfg = _tiny_model()
         return base, cfg, None, "tiny-random"
-    from bitune_jax.assets import resolve_model_source
-    from bitune_jax.convert import load_model
+    from bitune_jax.conversion.assets import resolve_model_source
+    from bitune_jax.conversion import load_model
 
     m = load_model(resolve_model_source(model))
     return m.params, m.cfg, m, model
@@ -128,7 +130,7 @@ def load_bench_model(model="smollm2", quick=False):
 def run_benches(model="smollm2", batch=8, lengths=((192, 64),), steps=3, quick=False, remat="none",
                 only=("train", "mc_eval", "decode"), out=None):
     """Runs the selected benchmarks, printing JSON lines (to ``out``, default stdout); returns the rows."""
-    from bitune_jax import bench_eval
+    from bitune_jax.apps import bench_eval
 
     out = out or sys.stdout
     base, cfg, loaded, name = load_bench_model(model, quick)

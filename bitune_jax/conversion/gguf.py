@@ -4,7 +4,7 @@ Every tensor is dequantized to float32 numpy with ``gguf.quants.dequantize``
 (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, K-quants, ...), an HF-style config dict
 is rebuilt from the GGUF metadata, and the parameter tree is assembled by the
 same generic code as the safetensors importer, walking the family's weight map
-(``bitune_jax.models.families``) with the ``gguf`` key of each ``WeightSpec``.
+(``bitune_jax.conversion.families``) with the ``gguf`` key of each ``WeightSpec``.
 
     >>> params, cfg = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # doctest: +SKIP
 
@@ -40,9 +40,9 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from bitune_jax.convert.common import assemble, ModelFileError
-from bitune_jax.models import families
-from bitune_jax.models.families import UnsupportedModelError
+from bitune_jax.conversion.common import assemble, ModelFileError
+from bitune_jax.conversion import families
+from bitune_jax.conversion.families import UnsupportedModelError
 
 __all__ = ["load_gguf", "gguf_chat_template", "gguf_hf_config", "GgufArch", "GGUF_ARCHS", "GgufTensorReader"]
 
@@ -156,8 +156,8 @@ def _arch_of(meta: _Meta) -> tuple:
 
 def _llama3_from_rope_freqs(factors: np.ndarray, theta: float, head_dim: int, source: str):
     """Finds llama-3 scaling parameters that reproduce llama.cpp's ``rope_freqs`` divisors."""
-    from bitune_jax.models.config import ModelConfig
-    from bitune_jax.models.transformer import rope_inv_freq
+    from bitune_jax.model.config import ModelConfig
+    from bitune_jax.model.transformer import rope_inv_freq
 
     factors = np.asarray(factors, np.float32).reshape(-1)
     base = ModelConfig(family="llama", vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1,

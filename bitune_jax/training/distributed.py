@@ -21,7 +21,7 @@ usual way, ``XLA_FLAGS=--xla_force_host_platform_device_count=N``.
 
 After start-up ``jax.devices()`` lists every device of every process, a mesh
 built from it spans all hosts, and each process feeds only its own rows of
-the global batch (:mod:`bitune_jax.data` slices them by
+the global batch (:mod:`bitune_jax.data.pipeline` slices them by
 ``jax.process_index()``). Only :func:`is_main` (process 0) logs, writes
 metrics and plots; orbax writes checkpoints from all processes together.
 

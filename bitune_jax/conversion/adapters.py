@@ -29,7 +29,7 @@ plain PEFT LoRA/DoRA/IA3 folder (``adapter_config.json`` at top level) as a
 Example:
 
     >>> import jax, tempfile, os
-    >>> from bitune_jax.models.config import ModelConfig
+    >>> from bitune_jax.model.config import ModelConfig
     >>> from bitune_jax import bitune
     >>> cfg = ModelConfig(family="llama", vocab_size=32, hidden_size=16,
     ...                   intermediate_size=32, num_layers=2, num_heads=2,
@@ -62,9 +62,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from bitune_jax import bitune
-from bitune_jax import peft as peft_lib
-from bitune_jax.models import families
-from bitune_jax.models.config import ModelConfig
+from bitune_jax.model import peft as peft_lib
+from bitune_jax.conversion import families
+from bitune_jax.model.config import ModelConfig
 
 FORMAT = "bitune-jax-adapters"
 FORMAT_VERSION = 1
@@ -545,8 +545,8 @@ def load_with_adapters(model_src: str, adapters: Optional[str] = None, variant: 
     (``smollm2``); without ``adapters`` the base model is used (``trainable``
     and ``method`` are None) and only ``variant`` None or "lora" is allowed.
     """
-    from bitune_jax import assets
-    from bitune_jax.convert import load_model
+    from bitune_jax.conversion import assets
+    from bitune_jax.conversion import load_model
 
     model = load_model(assets.resolve_model_source(model_src), dtype=dtype)
     if adapters is None:

@@ -15,7 +15,7 @@ with shared base matmuls but separate adapters.
 Example:
 
     >>> import jax
-    >>> from bitune_jax.models.config import ModelConfig
+    >>> from bitune_jax.model.config import ModelConfig
     >>> cfg = ModelConfig(family="llama", vocab_size=32, hidden_size=16,
     ...                   intermediate_size=32, num_layers=2, num_heads=2,
     ...                   num_kv_heads=1, head_dim=8)

@@ -7,7 +7,7 @@ Three stages, each usable on its own:
    a list of :class:`RawRow` with a row number for error messages.
 2. **Encode** (:func:`encode_examples`): each row becomes (prompt, answer)
    strings by ``data.format`` and ``data.template``, then token ids by the
-   one tokenization rule (:func:`bitune_jax.text.encode_pair`, EOS appended),
+   one tokenization rule (:func:`bitune_jax.data.text.encode_pair`, EOS appended),
    then the ``data.overlong`` rule. Bad rows are counted by category in
    :class:`DataStats` and skipped, or raise :class:`DataError` naming the file
    and row. Everything is encoded up front, so the epoch is known exactly
@@ -60,7 +60,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import grain
 import numpy as np
 
-from bitune_jax import text
+from bitune_jax.data import text
 from bitune_jax.config import DataSection, DataSource
 
 log = logging.getLogger(__name__)

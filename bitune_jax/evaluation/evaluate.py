@@ -2,7 +2,7 @@
 
 A multiple-choice question is a context and C choices; choice ``j`` is scored
 as ``log p(" " + choice_j | context)`` summed over its tokens, with the
-tokenization rule of :mod:`bitune_jax.text` (``encode_pair(..., add_eos=False)``:
+tokenization rule of :mod:`bitune_jax.data.text` (``encode_pair(..., add_eos=False)``:
 context with the tokenizer's special tokens, choice without).
 
 Shared prefix. Every choice of a question has the same prompt, so the
@@ -24,7 +24,7 @@ are ``std(ddof=1) / sqrt(n)``.
 Example:
 
     >>> from bitune_jax import tasks                              # doctest: +SKIP
-    >>> from bitune_jax.convert import load_model                 # doctest: +SKIP
+    >>> from bitune_jax.conversion import load_model                 # doctest: +SKIP
     >>> m = load_model(smollm2_gguf_path())                       # doctest: +SKIP
     >>> items = tasks.load_task("arc_easy", limit=100)            # doctest: +SKIP
     >>> evaluate_mc(m.params, m.cfg, m.tokenizer, items)[0]       # doctest: +SKIP
@@ -43,12 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import bitune
-from bitune_jax.adapters_io import load_with_adapters
+from bitune_jax.conversion.adapters import load_with_adapters
 from bitune_jax.fileio import write_text_atomic
-from bitune_jax import tasks as task_lib
-from bitune_jax.models import transformer as T
-from bitune_jax.models.config import ModelConfig
-from bitune_jax.text import encode_pair
+from bitune_jax.data import tasks as task_lib
+from bitune_jax.model import transformer as T
+from bitune_jax.model.config import ModelConfig
+from bitune_jax.data.text import encode_pair
 
 GSM8K_STOP = ("Question:", "</s>", "<|im_end|>", "<|end_of_text|>")  # the authors' gsm8k `until`
 
@@ -147,7 +147,7 @@ def score_choices_naive(base, cfg: ModelConfig, contexts, continuations, trainab
 
     Used to test :func:`score_choices` and to measure what the shared prefix saves.
     """
-    from bitune_jax.score import score_examples
+    from bitune_jax.evaluation.score import score_examples
 
     pairs = [(list(ctx), list(x)) for ctx, conts in zip(contexts, continuations) for x in conts]
     scores = score_examples(base, cfg, pairs, trainable, method, batch_size=batch_size, bucket=bucket,
@@ -214,7 +214,7 @@ def evaluate_generation(base, cfg: ModelConfig, tokenizer, items: Sequence[task_
     ``exact_match`` uses the flexible extraction (``#### N`` if present, else
     the last number of the output), ``exact_match_strict`` only ``#### N``.
     """
-    from bitune_jax.generate import generate
+    from bitune_jax.evaluation.generate import generate
 
     gens = generate(base, cfg, tokenizer, [it.prompt for it in items], trainable, method,
                     max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, progress=progress)
@@ -251,8 +251,8 @@ def run_eval(model_src: str, adapters: Optional[str] = None, variant: Optional[s
 
     Args:
       model_src: HF directory, ``.gguf`` file or a packaged model name.
-      adapters, variant: adapter folder and variant (see ``bitune_jax.adapters_io``).
-      tasks: task names (:data:`bitune_jax.tasks.TASKS`, ``mmlu:<subjects>``).
+      adapters, variant: adapter folder and variant (see ``bitune_jax.conversion.adapters``).
+      tasks: task names (:data:`bitune_jax.data.tasks.TASKS`, ``mmlu:<subjects>``).
       limit: first ``limit`` items per task.
       out: results JSON path (written atomically).
       per_item: include every item's prediction and log-likelihoods.

@@ -10,8 +10,8 @@ learning rate, no weight decay).
 Example:
 
     >>> import jax, jax.numpy as jnp
-    >>> from bitune_jax.models.config import ModelConfig
-    >>> from bitune_jax.models.transformer import init_params
+    >>> from bitune_jax.model.config import ModelConfig
+    >>> from bitune_jax.model.transformer import init_params
     >>> from bitune_jax import bitune
     >>> cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32,
     ...                   intermediate_size=64, num_layers=2, num_heads=4,
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import optax
 
 from bitune_jax import bitune
-from bitune_jax import sharding as shd
-from bitune_jax.models.config import ModelConfig
+from bitune_jax.training import sharding as shd
+from bitune_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ def make_train_step(cfg: ModelConfig, method: bitune.MethodConfig, optimizer, *,
 
     With ``mesh`` (and example ``state``, ``base``, ``batch`` trees to read
     shapes from), the step gets explicit ``in_shardings``/``out_shardings``:
-    parameters and optimizer state per :mod:`bitune_jax.sharding`, the batch
+    parameters and optimizer state per :mod:`bitune_jax.training.sharding`, the batch
     split over (data, fsdp), metrics replicated.
 
     ``grad_accum`` splits the batch into that many equal micro-batches and

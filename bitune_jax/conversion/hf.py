@@ -2,7 +2,7 @@
 
 Reads ``config.json`` and either ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``, then assembles our parameter tree by walking
-the family's weight map (``bitune_jax.models.families``). Pickled ``.bin``
+the family's weight map (``bitune_jax.conversion.families``). Pickled ``.bin``
 checkpoints are refused: they can execute code when loaded.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Dict
 import numpy as np
 from safetensors import safe_open
 
-from bitune_jax.convert.common import assemble, ModelFileError
-from bitune_jax.models import families
+from bitune_jax.conversion.common import assemble, ModelFileError
+from bitune_jax.conversion import families
 
 
 def read_hf_config(model_dir: str) -> dict:

@@ -1,6 +1,6 @@
 """Model importers: HF safetensors directories and GGUF files.
 
-    >>> from bitune_jax.convert import load_model          # doctest: +SKIP
+    >>> from bitune_jax.conversion import load_model          # doctest: +SKIP
     >>> model = load_model("path/to/SmolLM2.gguf")         # doctest: +SKIP
     >>> model.params, model.cfg, model.tokenizer           # doctest: +SKIP
 """
@@ -10,9 +10,9 @@ import dataclasses
 import os
 from typing import Any
 
-from bitune_jax.convert.common import ModelFileError
-from bitune_jax.models.config import ModelConfig
-from bitune_jax.models.families import UnsupportedModelError
+from bitune_jax.conversion.common import ModelFileError
+from bitune_jax.model.config import ModelConfig
+from bitune_jax.conversion.families import UnsupportedModelError
 
 __all__ = ["LoadedModel", "load_model", "load_tokenizer", "ModelFileError", "UnsupportedModelError"]
 
@@ -56,11 +56,11 @@ def load_model(src: str, dtype: str = "float32", with_tokenizer: bool = True) ->
     if not os.path.exists(src):
         raise ModelFileError(f"model source {src!r} does not exist (expected an HF directory or a .gguf file)")
     if src.endswith(".gguf"):
-        from bitune_jax.convert.gguf import load_gguf
+        from bitune_jax.conversion.gguf import load_gguf
 
         params, cfg = load_gguf(src, dtype=dtype)
     elif os.path.isdir(src):
-        from bitune_jax.convert.hf import load_hf
+        from bitune_jax.conversion.hf import load_hf
 
         params, cfg = load_hf(src, dtype=dtype)
     else:

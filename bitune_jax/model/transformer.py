@@ -32,7 +32,7 @@ cache and optionally its own keys/values returned.
 Example:
 
     >>> import jax, jax.numpy as jnp
-    >>> from bitune_jax.models.config import ModelConfig
+    >>> from bitune_jax.model.config import ModelConfig
     >>> cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32,
     ...                   intermediate_size=64, num_layers=2, num_heads=4,
     ...                   num_kv_heads=2, head_dim=8)
@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitune_jax import attention as attn_lib
-from bitune_jax import peft as peft_lib
-from bitune_jax.models.config import ModelConfig
+from bitune_jax.model import attention as attn_lib
+from bitune_jax.model import peft as peft_lib
+from bitune_jax.model.config import ModelConfig
 
 
 class KV(NamedTuple):
@@ -263,7 +263,7 @@ def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, cau
       prefix_kv: optional cache of earlier keys/values, ``[layers, batch, P, kv_heads, hd]``,
         which every token may attend to (where ``prefix_valid``).
       prefix_positions, prefix_valid: ``[batch, P]`` positions and validity of the cache.
-      adapters: optional adapter set stacked over layers (see ``bitune_jax.peft``).
+      adapters: optional adapter set stacked over layers (see ``bitune_jax.model.peft``).
       peft_cfg: its ``PeftConfig``.
       return_kv: also return this stream's own keys/values (a :class:`KV`).
       compute_logits: return float32 logits ``[batch, seq, vocab]``; else the

@@ -9,7 +9,7 @@ written anywhere in the code:
   of :class:`WeightSpec` naming our path, the checkpoint key in the HF and the
   GGUF naming schemes, and how to transform the stored array.
 
-Importers (``bitune_jax.convert``) stay generic: they walk ``weight_map`` and
+Importers (``bitune_jax.conversion``) stay generic: they walk ``weight_map`` and
 read tensors. Adding a family means adding one entry to ``FAMILIES``.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, List, Optional, Tuple
 
-from bitune_jax.models.config import ModelConfig
+from bitune_jax.model.config import ModelConfig
 
 
 class UnsupportedModelError(ValueError):
