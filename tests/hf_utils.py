@@ -56,6 +56,17 @@ def tiny_hf_model(kind: str, out_dir: str, seed: int = 0, **overrides):
     return model
 
 
+def gguf_reference_model(path: str, **kwargs):
+    """transformers' float32 PyTorch model of a GGUF file (the parity reference), in eval mode."""
+    import os
+
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, **kwargs).eval()
+
+
 def torch_logits(model, input_ids, attention_mask=None, position_ids=None):
     import torch
 

@@ -1,6 +1,6 @@
 """Bitune against an independent PyTorch reference built on ``transformers``.
 
-The reference runs the five steps of DESIGN.md section 1 literally, one
+The reference runs the five steps of docs/method.md literally, one
 example at a time, on a tiny random HF model (float32, eager attention):
 
 (a) a cached causal prefill over ``x[0..L-1)`` with adapter set C

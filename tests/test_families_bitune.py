@@ -48,7 +48,7 @@ def test_bitune_on_family(kind, tmp_path):
     method = bitune.MethodConfig(variant="bitune", peft=PeftConfig(rank=4))
     tr = bitune.init_trainable(jax.random.PRNGKey(1), cfg, method, base)
     tr = jax.tree_util.tree_map(lambda x: x + 0.01, tr)  # non-zero B so A gets gradient too
-    grads = jax.grad(lambda t: bitune.loss_fn(t, base, cfg, method, batch)[0])(tr)
+    grads = jax.jit(jax.grad(lambda t: bitune.loss_fn(t, base, cfg, method, batch)[0]))(tr)
     assert set(grads) == {"causal", "bidir", "mix"}
     assert set(grads["causal"]) == set(cfg.projections) == set(grads["bidir"])
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:

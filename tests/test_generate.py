@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -73,25 +72,9 @@ def test_greedy_matches_transformers_padded_batch(tmp_path, kind):
         assert o.finish_reason == ("eos" if ref[-1] == 2 else "length")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from bitune_jax.conversion.assets import SMOLLM2_INSTALL, smollm2_gguf_path
-    from bitune_jax.conversion import load_model
-
-    path = smollm2_gguf_path()
-    if path is None:
-        pytest.skip(f"SmolLM2 GGUF not installed ({SMOLLM2_INSTALL})")
-    return load_model(path)
-
-
 @pytest.mark.real_model
-def test_greedy_matches_transformers_smollm2(smollm2):
-    torch = pytest.importorskip("torch")
-    import transformers
-
-    path = smollm2.source
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
+def test_greedy_matches_transformers_smollm2(smollm2, smollm2_hf):
+    hf = smollm2_hf  # both session fixtures (tests/conftest.py)
     tok = smollm2.tokenizer
     texts = ["Question: What is the capital of France?\n\nAnswer:",
              "The three primary colors are",

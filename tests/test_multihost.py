@@ -67,15 +67,6 @@ def test_explicit_start_checks_its_values(no_cluster, monkeypatch, kwargs, env, 
         distributed.initialize(**kwargs)
 
 
-def test_cli_flags():
-    import argparse
-
-    p = argparse.ArgumentParser()
-    distributed.add_cli_flags(p)
-    a = p.parse_args(["--coordinator", "10.0.0.1:1234", "--num-processes", "4", "--process-id", "3"])
-    assert (a.coordinator, a.num_processes, a.process_id) == ("10.0.0.1:1234", 4, 3)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

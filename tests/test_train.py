@@ -57,10 +57,12 @@ def files(tmp_path_factory):
 
 
 def _env(root):
+    # XDG_CACHE_HOME is inherited: the runs share the session's caches (converted GGUF
+    # tokenizers, file hashes), so a run on the real model does not convert its tokenizer again.
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITUNE_")}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               XDG_CACHE_HOME=str(root / "cache"), PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
 
@@ -373,7 +375,8 @@ def test_a_preloaded_model_trains_and_exports_exactly_as_a_loaded_one(files, tmp
     """``train(cfg, model=m)`` (how the demo shares one load) equals ``train(cfg)`` bitwise and leaves m intact."""
     import jax
     from bitune_jax.conversion import load_model
-    from bitune_jax.training.loop import export_run_adapters, train
+    from bitune_jax.conversion.adapters import export_run_adapters
+    from bitune_jax.training.loop import train
 
     common = {"steps": 2, "save_every": 2, "eval_every": 0}
     model = load_model(str(files[0] / "model"))

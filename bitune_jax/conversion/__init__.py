@@ -1,8 +1,20 @@
 """Model importers: HF safetensors directories and GGUF files.
 
-    >>> from bitune_jax.conversion import load_model          # doctest: +SKIP
-    >>> model = load_model("path/to/SmolLM2.gguf")         # doctest: +SKIP
-    >>> model.params, model.cfg, model.tokenizer           # doctest: +SKIP
+:func:`load_model` takes an HF folder (as ``save_pretrained`` writes it) or a
+``.gguf`` file (e.g. ``assets.smollm2_gguf_path()``) and returns the base
+parameters, their :class:`ModelConfig` and the tokenizer. Here a tiny random
+Llama written by ``transformers``:
+
+    >>> import tempfile, transformers
+    >>> folder = tempfile.mkdtemp()
+    >>> transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    >>> model = load_model(folder)
+    >>> model.cfg.family, model.cfg.num_layers, model.params["embed"].shape
+    ('llama', 2, (64, 32))
+    >>> model.tokenizer is None  # the folder has no tokenizer files; token ids still work
+    True
 """
 from __future__ import annotations
 
@@ -40,8 +52,9 @@ def load_tokenizer(src: str):
     if os.path.isdir(src) and not any(os.path.isfile(os.path.join(src, f)) for f in _TOKENIZER_FILES):
         return None
     if src.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(src)), gguf_file=os.path.basename(src),
-                                             local_files_only=True, trust_remote_code=False)
+        from bitune_jax.conversion.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(src)  # converted once per file, then read from a cache
     return AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=False)
 
 

@@ -24,7 +24,8 @@ Every write goes into a temporary directory next to the target that is
 renamed into place at the end, so a failed export leaves nothing behind.
 :func:`import_adapters` reads the layout back (bitwise), and also accepts a
 plain PEFT LoRA/DoRA/IA3 folder (``adapter_config.json`` at top level) as a
-``lora``-variant adapter.
+``lora``-variant adapter. :func:`export_run_adapters` exports the adapters of a
+training run's checkpoint.
 
 Example:
 
@@ -56,6 +57,7 @@ import shutil
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
@@ -296,6 +298,43 @@ def export_adapters(out_dir: str, trainable, model_cfg: ModelConfig, method_cfg:
             "num_layers": model_cfg.num_layers,
         })
     return out_dir
+
+
+def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None, model=None) -> int:
+    """Writes the adapters of a training run's checkpoint (default: the latest) in PEFT layout; returns the step.
+
+    ``run_dir`` is the run's ``train.output_dir``. The config saved with the
+    checkpoint says which model, variant and optimizer built the state, so
+    the checkpoint restores into exactly that structure. ``model``: that
+    config's base model, already loaded (else it is loaded here).
+    """
+    # The checkpoint machinery (orbax) is only needed here, not to read or write adapter folders.
+    from bitune_jax.config import Config
+    from bitune_jax.conversion import assets, load_model
+    from bitune_jax.training import checkpoint
+    from bitune_jax.training import step as ts
+
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{run_dir}: no checkpoints/ folder (is this a train.output_dir?)")
+    ckpt = checkpoint.Checkpoints(ckpt_dir, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.all_steps():
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint at step {step} "
+                                    f"(available: {sorted(ckpt.all_steps())})")
+        cfg = Config.from_dict(ckpt.read_json(step, "config"), source=os.path.join(ckpt_dir, str(step), "config"))
+        if model is None:
+            model = load_model(assets.resolve_model_source(cfg.model.source), dtype=cfg.model.dtype,
+                               with_tokenizer=False)
+        optimizer = ts.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
+        like = ts.init_state(bitune.init_trainable(jax.random.PRNGKey(0), model.cfg, cfg.method, model.params),
+                             optimizer)
+        state = ckpt.restore(step, like)[0]
+    finally:
+        ckpt.close()
+    export_adapters(out_dir, jax.device_get(state.trainable), model.cfg, cfg.method, cfg.model.source)
+    return step
 
 
 # --------------------------------------------------------------------------- import

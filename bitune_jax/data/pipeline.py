@@ -402,7 +402,16 @@ def load_examples(tokenizer, source: Union[DataSource, str], data_cfg: DataSecti
 # ----------------------------------------------------------------------------
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``, and at least ``multiple``: the bucketed pad length.
+
+    Padding every batch dimension to such a length keeps the number of distinct
+    shapes (and so of compilations) small. Used by the data pipeline, scoring
+    and generation alike.
+
+    >>> round_up(5, 4), round_up(8, 4), round_up(0, 4)
+    (8, 8, 4)
+    """
     return max(multiple, -(-n // multiple) * multiple)
 
 
@@ -427,7 +436,7 @@ def collate(examples: Sequence[Sequence], bucket: int = 1,
     if len(examples) == 0 or prompt_len.min() < 1 or answer_len.min() < 1:
         raise ValueError("collate needs at least one example, each with >= 1 prompt and >= 1 answer token")
     if pad_to is None:
-        pad_to = (_round_up(int(prompt_len.max()), bucket), _round_up(int(answer_len.max()), bucket))
+        pad_to = (round_up(int(prompt_len.max()), bucket), round_up(int(answer_len.max()), bucket))
     P, A = pad_to
     if P < prompt_len.max() or A < answer_len.max():
         raise ValueError(f"pad_to={pad_to} is shorter than the longest example "
@@ -505,7 +514,7 @@ class _LocalBatch:
 
     def __call__(self, idx: np.ndarray) -> Dict[str, np.ndarray]:
         longest = [int(m) for m in self._lengths[idx].max(axis=0)]
-        pad_to = tuple(_round_up(m, self._bucket) for m in longest)
+        pad_to = tuple(round_up(m, self._bucket) for m in longest)
         if self._max_lens is not None:
             # Rounding past the configured maximum would only add padding: no example is longer.
             pad_to = tuple(min(p, max(cap, m)) for p, cap, m in zip(pad_to, self._max_lens, longest))

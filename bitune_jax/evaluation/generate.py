@@ -1,6 +1,6 @@
 """Text generation with a Bitune (or plain) model: prefill twice, mix, then decode.
 
-Generation is step 6 of the method (DESIGN.md section 1): the prompt span
+Generation is the method's last step (docs/method.md, "Generation"): the prompt span
 ``x[0..L-1)`` is prefilled by the variant's passes and mixed
 (:func:`bitune_jax.bitune.prefill`; a plain causal prefill for the base
 model), then ordinary key/value-cache decoding runs with the causal adapter
@@ -31,14 +31,19 @@ sampled. Each example draws from its own key, ``fold_in(fold_in(seed, i), t)``
 for prompt index ``i`` and step ``t``, so a seed reproduces its outputs
 whatever the batch size or the order of the prompts.
 
-Example:
+Example, a tiny random Bitune model with token-id prompts (with a real model
+from ``load_model``, pass ``m.tokenizer`` and text prompts, and get ``.text``):
 
-    >>> from bitune_jax.conversion import load_model                  # doctest: +SKIP
-    >>> m = load_model(smollm2_gguf_path())                          # doctest: +SKIP
-    >>> out = generate(m.params, m.cfg, m.tokenizer, ["Question: What is 2+2?\\n\\nAnswer:"],
-    ...                max_new_tokens=16, stop=["\\n\\n"])           # doctest: +SKIP
-    >>> out[0].text, out[0].finish_reason                            # doctest: +SKIP
-    (' 4', 'stop')
+    >>> from bitune_jax.model.config import ModelConfig
+    >>> from bitune_jax.model.transformer import init_params
+    >>> cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    >>> base = init_params(jax.random.PRNGKey(0), cfg)
+    >>> method = bitune.MethodConfig(variant="bitune")
+    >>> trainable = bitune.init_trainable(jax.random.PRNGKey(1), cfg, method, base)
+    >>> out = generate(base, cfg, None, [[1, 2, 3], [4, 5, 6, 7, 8]], trainable, method, max_new_tokens=5)
+    >>> [(len(o.token_ids), o.finish_reason) for o in out]
+    [(5, 'length'), (5, 'length')]
 """
 from __future__ import annotations
 
@@ -51,7 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import bitune
+from bitune_jax.data.pipeline import round_up
 from bitune_jax.model import transformer as T
+from bitune_jax.model.attention import Mask
 from bitune_jax.model.config import ModelConfig
 
 
@@ -127,32 +134,34 @@ def decode_step(base, cfg: ModelConfig, adapters, peft_cfg, k, v, cache_pos, cac
                 attn_impl: str = "reference"):
     """Feeds one token per example and returns ``(logits [B, V] float32, k, v, cache_valid)``.
 
-    ``token`` ``[B]`` is written at cache slot ``slot`` (a traced scalar, the
-    same for every example) and sits at position ``cache_pos[:, slot]``; it
-    attends to every valid slot at or before its own position.
+    ``token`` ``[B]`` sits at position ``cache_pos[:, slot]`` (``slot`` a
+    traced scalar, the same for every example). Each layer applies the model's
+    decoder block with that layer's cache as the key/value prefix (every valid
+    slot at or before the token's position is visible), then writes the
+    token's own keys/values into slot ``slot``.
     """
     b = token.shape[0]
     q_pos = jax.lax.dynamic_slice_in_dim(cache_pos, slot, 1, axis=1)  # [B, 1]
-    cache_valid = jax.lax.dynamic_update_slice_in_dim(cache_valid, jnp.ones((b, 1), bool), slot, axis=1)
-    mask, local_mask = T.build_masks(cfg, q_pos, cache_pos, jnp.ones((b, 1), bool), cache_valid, causal=True)
+    mask = Mask.over(q_pos, jnp.ones((b, 1), bool), causal=True, prefix_positions=cache_pos,
+                     prefix_valid=cache_valid)
     x = T.embed(base, cfg, token[:, None])  # [B, 1, d]
 
     def body(carry, layer):
         x, k, v = carry
         lp, ad, is_local, idx = layer
-        hs, qs, ks, vs = T.layer_qkv(lp, cfg, [x], [q_pos], [ad], peft_cfg, is_local)
-        zero = jnp.zeros((), jnp.int32)
-        k = jax.lax.dynamic_update_slice(k, ks[0][None].astype(k.dtype), (idx, zero, slot, zero, zero))
-        v = jax.lax.dynamic_update_slice(v, vs[0][None].astype(v.dtype), (idx, zero, slot, zero, zero))
         k_l = jax.lax.dynamic_index_in_dim(k, idx, 0, keepdims=False)  # [B, T, kv_heads, hd]
         v_l = jax.lax.dynamic_index_in_dim(v, idx, 0, keepdims=False)
-        o = T.attend(cfg, qs[0], k_l, v_l, mask, local_mask, is_local, attn_impl)
-        (x,) = T.layer_finish(lp, cfg, [x], hs, [o], [ad], peft_cfg)
+        (x,), (k_new,), (v_new,) = T.apply_block(lp, cfg, [x], [q_pos], [mask], [ad], is_local=is_local,
+                                                 prefix=[(k_l, v_l)], peft_cfg=peft_cfg, attention=attn_impl)
+        zero = jnp.zeros((), jnp.int32)
+        k = jax.lax.dynamic_update_slice(k, k_new[None].astype(k.dtype), (idx, zero, slot, zero, zero))
+        v = jax.lax.dynamic_update_slice(v, v_new[None].astype(v.dtype), (idx, zero, slot, zero, zero))
         return (x, k, v), None
 
     layers = (base["layers"], adapters, T.layer_flags(cfg), jnp.arange(cfg.num_layers, dtype=jnp.int32))
     (x, k, v), _ = jax.lax.scan(body, (x, k, v), layers)
     logits = T.unembed(base, cfg, x)[:, 0]
+    cache_valid = jax.lax.dynamic_update_slice_in_dim(cache_valid, jnp.ones((b, 1), bool), slot, axis=1)
     return logits, k, v, cache_valid
 
 
@@ -202,10 +211,6 @@ def decode(base, adapters, state: DecodeState, *, cfg: ModelConfig, peft_cfg, sa
 
 
 # --------------------------------------------------------------------------- host loop
-def _bucket(n: int, bucket: int) -> int:
-    return max(bucket, -(-n // bucket) * bucket)
-
-
 def _find_stop(text: str, stop: Sequence[str]) -> int:
     """Index of the earliest stop string in ``text``, or -1."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
@@ -292,7 +297,7 @@ def generate(base, cfg: ModelConfig, tokenizer, prompts: Sequence[Union[str, Seq
     for first in batches:
         idx = order[first:first + batch_size]
         b = batch_size if len(ids) > batch_size else len(idx)
-        p = _bucket(max(len(ids[i]) for i in idx), bucket)
+        p = round_up(max(len(ids[i]) for i in idx), bucket)
         prompt = np.zeros((b, p), np.int32)
         plen = np.ones((b,), np.int32)
         for j, i in enumerate(idx):
@@ -339,7 +344,7 @@ def _finish(tokenizer, toks: List[int], stop_count: Optional[int], stop, eos_ids
     return Generation(text, toks, "length")
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- load and generate
 def run_generate(model_src: str, prompts: Sequence[str], adapters: Optional[str] = None,
                  variant: Optional[str] = None, out: Optional[str] = None, dtype: str = "float32",
                  **gen_kwargs) -> List[dict]:
@@ -359,46 +364,3 @@ def run_generate(model_src: str, prompts: Sequence[str], adapters: Optional[str]
     if out:
         write_jsonl_atomic(out, rows)
     return rows
-
-
-def add_cli(sub):
-    """Registers ``bitune-jax generate`` (called by ``bitune_jax.cli``)."""
-    s = sub.add_parser("generate", help="generate text (Bitune prefill, then KV-cache decoding)")
-    s.add_argument("--model", required=True, help="HF safetensors directory, .gguf file, or 'smollm2'")
-    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    s.add_argument("--prompts", help="a text file with one prompt per line (\\n escapes are expanded)")
-    s.add_argument("--data", help="a JSONL file whose rows have a 'prompt' string (other fields are ignored)")
-    s.add_argument("--adapters", help="adapter folder (Bitune export or a plain PEFT LoRA folder)")
-    s.add_argument("--variant", help="Bitune variant (default: from the adapters)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--out", help="write results as JSONL here")
-    s.set_defaults(fn=_cmd_generate)
-
-
-def _cmd_generate(args):
-    prompts = [p.replace("\\n", "\n") for p in args.prompt]
-    if args.prompts:
-        with open(args.prompts) as f:
-            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
-    if args.data:
-        from bitune_jax.evaluation.score import read_jsonl
-
-        for n, row in enumerate(read_jsonl(args.data), 1):
-            if not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{args.data}: row {n} has no 'prompt' string")
-            prompts.append(row["prompt"])
-    if not prompts:
-        raise ValueError("give at least one --prompt, a --prompts file or a --data JSONL file")
-    rows = run_generate(args.model, prompts, adapters=args.adapters, variant=args.variant, out=args.out,
-                        dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                        batch_size=args.batch_size, progress=True)
-    for r in rows:
-        print(f"--- [{r['finish_reason']}] {r['prompt']!r}\n{r['text']}")

@@ -18,12 +18,15 @@ imports without it; using ``BituneLM`` then raises an ``ImportError`` that
 says how to install it. Importing ``BituneLM`` also registers it in the
 harness as model ``"bitune_jax"``.
 
-Example:
+Usage (needs ``pip install lm-eval``, which the test environment does not
+install, so this is shown as code rather than run as a doctest; the adapter
+itself is tested in ``tests/test_evaluate.py`` when lm-eval is present)::
 
-    >>> from bitune_jax.evaluation.lm_eval_adapter import BituneLM          # doctest: +SKIP
-    >>> import lm_eval                                             # doctest: +SKIP
-    >>> lm = BituneLM(model="smollm2", adapters="runs/x/adapters")  # doctest: +SKIP
-    >>> lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])      # doctest: +SKIP
+    import lm_eval
+    from bitune_jax.evaluation.lm_eval_adapter import BituneLM
+
+    lm = BituneLM(model="smollm2", adapters="runs/x/adapters")
+    lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
 """
 from __future__ import annotations
 

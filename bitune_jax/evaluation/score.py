@@ -10,11 +10,20 @@ The numbers are exactly the training loss terms: scoring runs the same fused
 Bitune forward (``bitune.answer_nll``) as the train step, with the base model
 alone, a plain LoRA adapter, or a Bitune adapter pair and any variant.
 
-Example:
+Example (a tiny random model; ``load_model`` gives a real one):
 
-    >>> rows = [{"prompt_ids": [1, 2, 3], "answer_ids": [4, 5]}]   # doctest: +SKIP
-    >>> score_rows(load_model("model.gguf"), rows)                   # doctest: +SKIP
-    [{'prompt_ids': [1, 2, 3], 'answer_ids': [4, 5], 'nll_sum': 7.1, 'num_tokens': 2}]
+    >>> import jax
+    >>> from bitune_jax.conversion import LoadedModel
+    >>> from bitune_jax.model.config import ModelConfig
+    >>> from bitune_jax.model.transformer import init_params
+    >>> cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    >>> model = LoadedModel(init_params(jax.random.PRNGKey(0), cfg), cfg, tokenizer=None, source="random")
+    >>> out = score_rows(model, [{"prompt_ids": [1, 2, 3], "answer_ids": [4, 5]}])
+    >>> sorted(out[0]), out[0]["num_tokens"]
+    (['answer_ids', 'nll_sum', 'num_tokens', 'prompt_ids'], 2)
+    >>> 0 < out[0]["nll_sum"] < 2 * 10  # two tokens of a 64-token vocabulary: about 2 * ln(64)
+    True
 """
 from __future__ import annotations
 

@@ -29,10 +29,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Literal, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from bitune_jax import schema
 
 METHODS = ("lora", "dora", "ia3")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,12 +43,17 @@ IA3_DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD = ("down_proj",)
 
 
+def _known_projections(targets) -> Optional[str]:
+    bad = [t for t in targets if t not in ALL_PROJECTIONS]
+    return f"unknown projections {bad}; allowed: {', '.join(ALL_PROJECTIONS)} or null (all)" if bad else None
+
+
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
-    """Static description of an adapter set.
+    """Static description of an adapter set (the ``method.peft`` config section).
 
     Attributes:
-      method: "lora", "dora" or "ia3".
+      method: ``lora``, ``dora`` or ``ia3``.
       rank: LoRA/DoRA rank r.
       alpha: LoRA/DoRA alpha; the update is scaled by alpha / rank.
       targets: canonical projection names to adapt; None means every
@@ -54,24 +61,16 @@ class PeftConfig:
       dropout: dropout rate on the LoRA/DoRA input (training only).
     """
 
-    method: str = "lora"
-    rank: int = 8
-    alpha: float = 1.0
-    targets: Optional[Tuple[str, ...]] = None
-    dropout: float = 0.0
+    method: Literal[METHODS] = "lora"
+    rank: int = schema.field(8, ge=1)
+    alpha: float = schema.field(1.0, gt=0.0)
+    targets: Optional[Tuple[str, ...]] = schema.field(None, check=_known_projections)
+    dropout: float = schema.field(0.0, ge=0.0, lt=1.0)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"peft.method={self.method!r}; allowed: {METHODS}")
-        if self.method != "ia3" and self.rank < 1:
-            raise ValueError(f"peft.rank={self.rank}; must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"peft.dropout={self.dropout}; must be in [0, 1)")
         if self.targets is not None:
-            bad = [t for t in self.targets if t not in ALL_PROJECTIONS]
-            if bad:
-                raise ValueError(f"peft.targets has unknown projections {bad}; allowed: {ALL_PROJECTIONS}")
             object.__setattr__(self, "targets", tuple(self.targets))
+        schema.validate(self, "method.peft")
 
     @property
     def scaling(self) -> float:
@@ -113,6 +112,24 @@ def init_adapters(rng, model_cfg, peft_cfg: PeftConfig, base_params=None, dtype=
             kernel = base_params["layers"][name]["kernel"].astype(jnp.float32)  # [L, in, out]
             entry["magnitude"] = jnp.linalg.norm(kernel, axis=1).astype(dtype)
         out[name] = entry
+    return out
+
+
+def adapter_axes(adapters, kernel_axes):
+    """Logical axis names of an adapter set, taken from the kernels it modifies.
+
+    ``kernel_axes``: the base layers' axes tree (``param_axes(cfg)["layers"]``),
+    whose ``[name]["kernel"]`` is ``("layers", in, out)``. LoRA ``A`` is
+    ``(layers, in, lora_rank)``, ``B`` ``(layers, lora_rank, out)``; DoRA
+    magnitudes follow ``out``; IA3 scales follow the dimension they scale.
+    """
+    out = {}
+    for name, entry in adapters.items():
+        layers, fan_in, fan_out = kernel_axes[name]["kernel"]
+        axes = {"lora_a": (layers, fan_in, "lora_rank"), "lora_b": (layers, "lora_rank", fan_out),
+                "magnitude": (layers, fan_out),
+                "scale": (layers, fan_in if name in IA3_FEEDFORWARD else fan_out)}
+        out[name] = {leaf: axes[leaf] for leaf in entry}
     return out
 
 

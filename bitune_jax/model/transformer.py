@@ -1,7 +1,14 @@
-"""The decoder-only transformer, written as pure functions over plain pytrees.
+"""The decoder-only transformer: one Flax decoder block, used functionally.
 
-This is the file to read first. Parameters are a nested dict (the functional
-Flax style: weights are passed to the function, never stored in it)::
+This is the file to read first. The model is written with ``flax.linen``
+modules that are only ever *applied* to parameters passed in: the frozen base
+weights are a plain nested dict (the same tree importers write, checkpoints
+reference and the train step takes as an argument), and adapter sets are
+separate dicts handed to the block as call arguments. linen was chosen over
+``flax.nnx`` for exactly that: ``Module.apply({"params": p}, ...)`` is a pure
+function of plain pytrees, so a frozen base plus several adapter sets needs no
+graph/state split and the jitted step stays ``state, base, batch -> state,
+metrics``. The parameter tree::
 
     {"embed": [vocab, d],
      "layers": {"attn_norm": {"scale": [L, d]},
@@ -11,23 +18,22 @@ Flax style: weights are passed to the function, never stored in it)::
      "final_norm": {"scale": [d], "bias"?: [d]},
      "lm_head"?: {"kernel": [d, vocab], "bias"?: [vocab]}}
 
-Every per-layer array is stacked on a leading layer axis and the layer stack
-runs under ``jax.lax.scan``. Norm scales are stored as the multiplier actually
-applied (importers fold Gemma's ``1 + w`` in), so one norm serves all families.
+``layers`` holds :class:`DecoderBlock`'s parameters stacked on a leading
+layer axis; callers walk the stack with ``jax.lax.scan`` (wrapped by
+:func:`rematerialize`, the one rematerialisation switch) and apply the block to
+each slice. Norm scales are stored as the multiplier actually applied
+(importers fold Gemma's ``1 + w`` in), so one norm serves all families. Every
+parameter carries logical axis names (``embed``, ``heads``, ``kv_heads``,
+``mlp``, ``vocab``, ``layers``, ...; see :func:`param_axes`), which the
+training code maps to mesh axes.
 
-A layer is split into three steps so that Bitune can interleave several token
-streams layer by layer (see ``bitune_jax/bitune.py``):
-
-1. :func:`layer_qkv` normalises each stream and projects it to rotated
-   queries, keys and values (base matmuls shared across streams);
-2. the caller runs attention per stream with whatever mask and key/value
-   prefix it needs;
-3. :func:`layer_finish` applies the output projection, the MLP and the
-   residuals.
-
-:func:`forward` chains them for a single stream: an explicit attention mask
-(causal or bidirectional), explicit positions, an optional prefix key/value
-cache and optionally its own keys/values returned.
+The block takes a *list of token streams*. Each stream has its own tokens,
+positions, attention mask, adapter set and optional key/value prefix; the
+base projections multiply all streams' tokens in one matmul. A plain forward
+pass is one stream; Bitune's fused layer loop (``bitune_jax/bitune.py``) is
+three streams whose answer stream attends to a prefix computed from the other
+two streams' keys and values of the same layer; decoding is one stream whose
+prefix is the key/value cache. The block knows nothing of Bitune.
 
 Example:
 
@@ -37,6 +43,8 @@ Example:
     ...                   intermediate_size=64, num_layers=2, num_heads=4,
     ...                   num_kv_heads=2, head_dim=8)
     >>> params = init_params(jax.random.PRNGKey(0), cfg)
+    >>> params["layers"]["q_proj"]["kernel"].shape      # [layers, d, heads * head_dim]
+    (2, 32, 32)
     >>> tokens = jnp.array([[1, 2, 3, 0]])
     >>> valid = jnp.array([[True, True, True, False]])
     >>> logits, _ = forward(params, cfg, tokens, valid=valid)
@@ -45,8 +53,10 @@ Example:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+import functools
+from typing import Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +64,7 @@ import numpy as np
 from bitune_jax.model import attention as attn_lib
 from bitune_jax.model import peft as peft_lib
 from bitune_jax.model.config import ModelConfig
+from bitune_jax.model.peft import PeftConfig
 
 
 class KV(NamedTuple):
@@ -110,7 +121,7 @@ def apply_rope(x, positions, inv_freq):
 
 # --------------------------------------------------------------------------- pieces
 def norm(p, x, cfg: ModelConfig):
-    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+    """RMSNorm or LayerNorm over the last axis, computed in float32 (``p``: ``{"scale", "bias"?}``)."""
     xf = x.astype(jnp.float32)
     if cfg.norm_type == "layer":
         xf = xf - xf.mean(-1, keepdims=True)
@@ -128,6 +139,7 @@ def _act(x, cfg: ModelConfig):
 
 
 def embed(params, cfg: ModelConfig, tokens):
+    """Token embeddings ``[batch, seq, d]`` in the compute dtype (times ``embed_scale``)."""
     # Ids are validated where data enters; clipping keeps padding garbage from turning into NaNs
     # (a NaN value at a masked key would still poison the attention sum: 0 * NaN = NaN).
     x = jnp.take(params["embed"], tokens, axis=0, mode="clip").astype(compute_dtype(cfg))
@@ -152,76 +164,6 @@ def unembed(params, cfg: ModelConfig, h):
     return logits
 
 
-def layer_qkv(lp, cfg: ModelConfig, xs: Sequence, positions: Sequence, adapters: Sequence, peft_cfg=None,
-              is_local=None, dropout_rngs=None):
-    """First step of a layer for several streams.
-
-    Args:
-      lp: this layer's parameters (one slice of ``params["layers"]``).
-      xs: residual streams, each ``[batch, seq, d]``.
-      positions: matching ``[batch, seq]`` integer positions.
-      adapters: one per-layer adapter set (or None) per stream.
-      is_local: traced bool (Gemma 3): use the sliding-window RoPE base.
-      dropout_rngs: optional per-stream PRNG keys for adapter dropout.
-
-    Returns:
-      ``(hs, qs, ks, vs)``: normalised inputs (needed again by parallel
-      blocks), queries ``[b, s, heads, hd]``, rotated keys and values
-      ``[b, s, kv_heads, hd]``.
-    """
-    hs = [norm(lp["attn_norm"], x, cfg) for x in xs]
-    qs = peft_lib.dense(hs, lp["q_proj"], "q_proj", adapters, peft_cfg, _fold(dropout_rngs, 0))
-    ks = peft_lib.dense(hs, lp["k_proj"], "k_proj", adapters, peft_cfg, _fold(dropout_rngs, 1))
-    vs = peft_lib.dense(hs, lp["v_proj"], "v_proj", adapters, peft_cfg, _fold(dropout_rngs, 2))
-    hd = cfg.head_dim
-    qs = [q.reshape(*q.shape[:-1], cfg.num_heads, hd) for q in qs]
-    ks = [k.reshape(*k.shape[:-1], cfg.num_kv_heads, hd) for k in ks]
-    vs = [v.reshape(*v.shape[:-1], cfg.num_kv_heads, hd) for v in vs]
-    if cfg.qk_norm:
-        qs = [norm(lp["q_norm"], q, cfg) for q in qs]
-        ks = [norm(lp["k_norm"], k, cfg) for k in ks]
-    inv_global = rope_inv_freq(cfg, cfg.rope_theta)
-    if cfg.has_local_layers and cfg.rope_local_theta is not None:
-        # Local layers use plain RoPE: rope_scaling applies to global layers only (as HF Gemma 3).
-        inv_local = rope_inv_freq(cfg.replace(rope_scaling=None), cfg.rope_local_theta)
-        inv = jnp.where(is_local, jnp.asarray(inv_local), jnp.asarray(inv_global))
-    else:
-        inv = jnp.asarray(inv_global)
-    qs = [apply_rope(q, p, inv) for q, p in zip(qs, positions)]
-    ks = [apply_rope(k, p, inv) for k, p in zip(ks, positions)]
-    return hs, qs, ks, vs
-
-
-def _fold(rngs, i):
-    return None if rngs is None else [jax.random.fold_in(r, i) for r in rngs]
-
-
-def layer_finish(lp, cfg: ModelConfig, xs: Sequence, hs: Sequence, attn_outs: Sequence, adapters: Sequence,
-                 peft_cfg=None, dropout_rngs=None):
-    """Last step of a layer: output projection, MLP, residuals (per stream)."""
-    flat = [a.reshape(*a.shape[:-2], -1) for a in attn_outs]
-    os_ = peft_lib.dense(flat, lp["o_proj"], "o_proj", adapters, peft_cfg, _fold(dropout_rngs, 3))
-    if cfg.sandwich_norm:
-        os_ = [norm(lp["post_attn_norm"], o, cfg) for o in os_]
-    if cfg.parallel_block:
-        mlp_in = hs
-        mids = [x + o for x, o in zip(xs, os_)]
-    else:
-        mids = [x + o for x, o in zip(xs, os_)]
-        mlp_in = [norm(lp["mlp_norm"], m, cfg) for m in mids]
-    if cfg.mlp_type == "gated":
-        gates = peft_lib.dense(mlp_in, lp["gate_proj"], "gate_proj", adapters, peft_cfg, _fold(dropout_rngs, 4))
-        ups = peft_lib.dense(mlp_in, lp["up_proj"], "up_proj", adapters, peft_cfg, _fold(dropout_rngs, 5))
-        acts = [_act(g, cfg) * u for g, u in zip(gates, ups)]
-    else:
-        ups = peft_lib.dense(mlp_in, lp["up_proj"], "up_proj", adapters, peft_cfg, _fold(dropout_rngs, 5))
-        acts = [_act(u, cfg) for u in ups]
-    downs = peft_lib.dense(acts, lp["down_proj"], "down_proj", adapters, peft_cfg, _fold(dropout_rngs, 6))
-    if cfg.sandwich_norm:
-        downs = [norm(lp["post_mlp_norm"], d, cfg) for d in downs]
-    return [m + d for m, d in zip(mids, downs)]
-
-
 def layer_flags(cfg: ModelConfig):
     """Per-layer booleans ``[layers]``: True for sliding-window layers."""
     if cfg.has_local_layers:
@@ -229,35 +171,254 @@ def layer_flags(cfg: ModelConfig):
     return jnp.zeros((cfg.num_layers,), bool)
 
 
-def attend(cfg: ModelConfig, q, k, v, mask, local_mask=None, is_local=None, impl="reference"):
-    """Attention of one stream; picks the sliding-window mask on local layers."""
-    if local_mask is not None and cfg.has_local_layers:
-        mask = jnp.where(is_local, local_mask, mask)
-    return attn_lib.dot_product_attention(q, k, v, mask, scale=cfg.scale, softcap=cfg.attn_logit_softcap, impl=impl)
+def rematerialize(fn, policy: str):
+    """The one rematerialisation switch for a layer body: ``none``, ``full`` or ``dots``."""
+    if policy in (None, "none", False):
+        return fn
+    if policy in ("full", True):
+        return jax.checkpoint(fn)
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"remat={policy!r}; allowed: none, full, dots")
 
 
-def build_masks(cfg: ModelConfig, q_pos, k_pos, q_valid, k_valid, *, causal: bool):
-    """``(mask, local_mask)`` for a stream; ``local_mask`` is None without sliding layers."""
-    mask = attn_lib.make_mask(q_pos, k_pos, q_valid, k_valid, causal=causal)
-    local = None
-    if cfg.has_local_layers:
-        local = attn_lib.make_mask(q_pos, k_pos, q_valid, k_valid, causal=causal, window=cfg.sliding_window)
-    return mask, local
+# --------------------------------------------------------------------------- modules
+def _logical(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Norm(nn.Module):
+    """RMSNorm (LayerNorm with ``cfg.norm_type == "layer"``) with a stored multiplier."""
+
+    cfg: ModelConfig
+    axis: str = "norm"
+    with_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        dtype = compute_dtype(self.cfg)
+        p = {"scale": self.param("scale", _logical(nn.initializers.ones, (self.axis,)), (dim,), dtype)}
+        if self.with_bias:
+            p["bias"] = self.param("bias", _logical(nn.initializers.zeros, (self.axis,)), (dim,), dtype)
+        return norm(p, x, self.cfg)
+
+
+class Projection(nn.Module):
+    """A frozen linear projection applied to several token streams at once, each with its own adapter.
+
+    The kernel multiplies every stream's tokens in one matmul; each stream
+    then adds its adapter (:func:`bitune_jax.model.peft.dense`). ``axes`` are
+    the logical names of the kernel's ``(in, out)`` dimensions.
+    """
+
+    cfg: ModelConfig
+    features: int
+    axes: Tuple[str, str]
+    use_bias: bool = False
+    peft_cfg: Optional[PeftConfig] = None
+
+    @nn.compact
+    def __call__(self, xs: Sequence[jax.Array], adapters: Sequence, dropout_rngs=None):
+        dtype = compute_dtype(self.cfg)
+        proj = {"kernel": self.param("kernel", _logical(nn.initializers.normal(0.02), self.axes),
+                                     (xs[0].shape[-1], self.features), dtype)}
+        if self.use_bias:
+            proj["bias"] = self.param("bias", _logical(nn.initializers.zeros, self.axes[1:]), (self.features,), dtype)
+        return peft_lib.dense(xs, proj, self.name, adapters, self.peft_cfg, dropout_rngs)
+
+
+class DecoderBlock(nn.Module):
+    """One transformer layer over several token streams.
+
+    Call arguments (one entry per stream):
+
+    * ``xs``: residual streams ``[batch, seq, d]``;
+    * ``positions``: ``[batch, seq]`` integer positions (RoPE and masks);
+    * ``masks``: an :class:`~bitune_jax.model.attention.Mask` describing the
+      stream's keys (its prefix first, then its own tokens), or an explicit
+      boolean ``[batch, seq, prefix + seq]`` array used as is on every layer;
+    * ``adapters``: this layer's slice of an adapter set, or None;
+    * ``is_local``: (traced) bool, True on sliding-window layers (Gemma 3: the
+      sliding window and the local RoPE base apply);
+    * ``prefix``: None (no stream has one), a list with ``(k, v)`` or None per
+      stream (``[batch, P, kv_heads, hd]`` keys/values placed before the
+      stream's own), or a callable ``prefix(ks, vs) -> that list`` that
+      receives every stream's own rotated keys/values of this layer, for
+      callers whose prefix is computed from other streams of the same layer;
+    * ``dropout_rngs``: optional per-stream PRNG keys for adapter dropout.
+
+    Returns ``(xs, ks, vs)``: the new residual streams and each stream's own
+    rotated keys and values ``[batch, seq, kv_heads, hd]``. Streams whose
+    queries and keys have equal shapes share one attention call (stacked on
+    the batch axis).
+    """
+
+    cfg: ModelConfig
+    peft_cfg: Optional[PeftConfig] = None
+    attention: str = "reference"
+
+    @nn.compact
+    def __call__(self, xs, positions, masks, adapters, *, is_local=False, prefix=None, dropout_rngs=None):
+        cfg = self.cfg
+        bias = cfg.norm_type == "layer"
+        xs = [constrain(x, ACTIVATION_AXES) for x in xs]
+        attn_norm = Norm(cfg, with_bias=bias, name="attn_norm")
+        hs = [attn_norm(x) for x in xs]
+        hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        proj = functools.partial(Projection, cfg, peft_cfg=self.peft_cfg)
+        qs = proj(nh * hd, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(hs, adapters, _fold(dropout_rngs, 0))
+        ks = proj(nkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(hs, adapters, _fold(dropout_rngs, 1))
+        vs = proj(nkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(hs, adapters, _fold(dropout_rngs, 2))
+        qs = [q.reshape(*q.shape[:-1], nh, hd) for q in qs]  # [b, s, heads, hd]
+        ks = [k.reshape(*k.shape[:-1], nkv, hd) for k in ks]  # [b, s, kv_heads, hd]
+        vs = [v.reshape(*v.shape[:-1], nkv, hd) for v in vs]
+        if cfg.qk_norm:
+            q_norm, k_norm = Norm(cfg, "head_dim", name="q_norm"), Norm(cfg, "head_dim", name="k_norm")
+            qs = [q_norm(q) for q in qs]
+            ks = [k_norm(k) for k in ks]
+        inv = _inv_freq(cfg, is_local)
+        qs = [apply_rope(q, p, inv) for q, p in zip(qs, positions)]
+        ks = [apply_rope(k, p, inv) for k, p in zip(ks, positions)]
+
+        if callable(prefix):
+            prefix = prefix(ks, vs)
+        prefix = prefix if prefix is not None else [None] * len(xs)
+        k_all = [k if pre is None else jnp.concatenate([pre[0].astype(k.dtype), k], axis=1)
+                 for k, pre in zip(ks, prefix)]
+        v_all = [v if pre is None else jnp.concatenate([pre[1].astype(v.dtype), v], axis=1)
+                 for v, pre in zip(vs, prefix)]
+        outs = _attend_streams(cfg, qs, k_all, v_all, masks, self.attention, is_local)
+
+        flat = [a.reshape(*a.shape[:-2], -1) for a in outs]
+        os_ = proj(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(flat, adapters,
+                                                                                  _fold(dropout_rngs, 3))
+        if cfg.sandwich_norm:
+            post_attn = Norm(cfg, name="post_attn_norm")
+            os_ = [post_attn(o) for o in os_]
+        mids = [x + o for x, o in zip(xs, os_)]
+        if cfg.parallel_block:
+            mlp_in = hs
+        else:
+            mlp_norm = Norm(cfg, with_bias=bias, name="mlp_norm")
+            mlp_in = [mlp_norm(m) for m in mids]
+        up = proj(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="up_proj")
+        if cfg.mlp_type == "gated":
+            gates = proj(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(
+                mlp_in, adapters, _fold(dropout_rngs, 4))
+            ups = up(mlp_in, adapters, _fold(dropout_rngs, 5))
+            acts = [_act(g, cfg) * u for g, u in zip(gates, ups)]
+        else:
+            acts = [_act(u, cfg) for u in up(mlp_in, adapters, _fold(dropout_rngs, 5))]
+        downs = proj(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(acts, adapters,
+                                                                                       _fold(dropout_rngs, 6))
+        if cfg.sandwich_norm:
+            post_mlp = Norm(cfg, name="post_mlp_norm")
+            downs = [post_mlp(d) for d in downs]
+        return [m + d for m, d in zip(mids, downs)], ks, vs
+
+
+ACTIVATION_AXES = ("batch", "length", "act_embed")
+
+
+def constrain(x, logical):
+    """Sharding constraint from logical axis names, active only while tracing under a mesh.
+
+    The train step traces the model inside ``jax.sharding.use_abstract_mesh``
+    and ``flax.linen.logical_axis_rules``; elsewhere (evaluation, tests on one
+    device) this returns ``x`` unchanged. Mesh axes that do not divide a
+    dimension are dropped, as for parameters.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not nn.get_logical_axis_rules():
+        return x
+    spec = nn.logical_to_mesh_axes(logical)
+    sizes = dict(mesh.shape)
+    fitted = []
+    for dim, ax in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+        names = () if ax is None else (ax,) if isinstance(ax, str) else tuple(ax)
+        size = int(np.prod([sizes[n] for n in names])) if names else 1
+        fitted.append(ax if size > 1 and dim % size == 0 else None)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*fitted)))
+
+
+def _fold(rngs, i):
+    return None if rngs is None else [jax.random.fold_in(r, i) for r in rngs]
+
+
+def _inv_freq(cfg: ModelConfig, is_local):
+    inv_global = rope_inv_freq(cfg, cfg.rope_theta)
+    if cfg.has_local_layers and cfg.rope_local_theta is not None:
+        # Local layers use plain RoPE: rope_scaling applies to global layers only (as HF Gemma 3).
+        inv_local = rope_inv_freq(cfg.replace(rope_scaling=None), cfg.rope_local_theta)
+        return jnp.where(is_local, jnp.asarray(inv_local), jnp.asarray(inv_global))
+    return jnp.asarray(inv_global)
+
+
+def _dense_mask(cfg: ModelConfig, mask, is_local):
+    """Boolean ``[b, q, k]`` of a stream on this layer (the sliding window on local layers)."""
+    if not isinstance(mask, attn_lib.Mask):
+        return mask
+    full = mask.dense()
+    if not cfg.has_local_layers:
+        return full
+    return jnp.where(is_local, mask.dense(window=cfg.sliding_window), full)
+
+
+_NO_WINDOW = 2 ** 30
+
+
+def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
+    """Attention of every stream; streams of equal shapes run as one call over a stacked batch."""
+    groups = {}
+    for i, (q, k) in enumerate(zip(qs, ks)):
+        groups.setdefault((q.shape[1:], k.shape[1:]), []).append(i)
+    outs = [None] * len(qs)
+    for idx in groups.values():
+        def cat(ts):  # the group's streams stacked on the batch axis
+            return ts[idx[0]] if len(idx) == 1 else jnp.concatenate([ts[i] for i in idx], 0)
+
+        if impl == "blocked":
+            ms = [masks[i] for i in idx]
+            if not all(isinstance(m, attn_lib.Mask) for m in ms):
+                raise ValueError("attention='blocked' builds its mask from positions: pass attention.Mask objects, "
+                                 "not dense mask arrays")
+            window = _NO_WINDOW
+            if cfg.has_local_layers:
+                window = jnp.where(is_local, cfg.sliding_window, _NO_WINDOW)
+            fields = [jnp.concatenate([getattr(m, f) for m in ms], 0) for f in ("q_pos", "k_pos", "q_valid", "k_valid")]
+            causal = jnp.concatenate([jnp.full((m.q_pos.shape[0],), m.causal) for m in ms], 0)
+            o = attn_lib.blocked_attention(cat(qs), cat(ks), cat(vs), *fields, causal, window, scale=cfg.scale,
+                                           softcap=cfg.attn_logit_softcap)
+        else:
+            dense = {i: _dense_mask(cfg, masks[i], is_local) for i in idx}
+            o = attn_lib.dot_product_attention(cat(qs), cat(ks), cat(vs), cat(dense), scale=cfg.scale,
+                                               softcap=cfg.attn_logit_softcap, impl=impl)
+        for i, part in zip(idx, jnp.split(o, len(idx), axis=0) if len(idx) > 1 else [o]):
+            outs[i] = part
+    return outs
+
+
+def apply_block(layer_params, cfg: ModelConfig, xs, positions, masks, adapters, *, is_local=False, prefix=None,
+                peft_cfg: Optional[PeftConfig] = None, attention: str = "reference", dropout_rngs=None):
+    """Applies :class:`DecoderBlock` with one layer's parameters; see its docstring for the arguments."""
+    return DecoderBlock(cfg, peft_cfg, attention).apply({"params": layer_params}, xs, positions, masks, adapters,
+                                                         is_local=is_local, prefix=prefix, dropout_rngs=dropout_rngs)
 
 
 # --------------------------------------------------------------------------- forward
 def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, causal: bool = True,
             prefix_kv: Optional[KV] = None, prefix_positions=None, prefix_valid=None,
             adapters=None, peft_cfg=None, return_kv: bool = False, compute_logits: bool = True,
-            remat: bool = False, attn_impl: str = "reference"):
+            remat: str = "none", attn_impl: str = "reference"):
     """Runs the model over one stream of tokens.
 
     Args:
       params: base parameters (see module docstring).
       cfg: the architecture.
       tokens: ``[batch, seq]`` token ids (right padding is fine).
-      positions: ``[batch, seq]`` position ids; default ``0..seq-1`` (plus
-        nothing: pass offsets explicitly when continuing a prefix).
+      positions: ``[batch, seq]`` position ids; default ``0..seq-1`` (pass
+        offsets explicitly when continuing a prefix).
       valid: ``[batch, seq]`` bool, False on padding; default all True.
       causal: causal (True) or bidirectional (False) attention among ``tokens``.
       prefix_kv: optional cache of earlier keys/values, ``[layers, batch, P, kv_heads, hd]``,
@@ -268,7 +429,7 @@ def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, cau
       return_kv: also return this stream's own keys/values (a :class:`KV`).
       compute_logits: return float32 logits ``[batch, seq, vocab]``; else the
         final hidden states before the final norm.
-      remat: recompute each layer in the backward pass.
+      remat: rematerialisation policy of each layer (:func:`rematerialize`).
 
     Returns:
       ``(logits_or_hidden, kv_or_None)``.
@@ -278,76 +439,90 @@ def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, cau
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if valid is None:
         valid = jnp.ones((b, t), bool)
-    k_pos, k_valid = positions, valid
-    if prefix_kv is not None:
-        if prefix_positions is None or prefix_valid is None:
-            raise ValueError("prefix_kv needs prefix_positions and prefix_valid")
-        k_pos = jnp.concatenate([prefix_positions, positions], axis=1)
-        k_valid = jnp.concatenate([prefix_valid, valid], axis=1)
-    mask, local_mask = build_masks(cfg, positions, k_pos, valid, k_valid, causal=causal)
-
-    x = embed(params, cfg, tokens)
-    flags = layer_flags(cfg)
+    if prefix_kv is not None and (prefix_positions is None or prefix_valid is None):
+        raise ValueError("prefix_kv needs prefix_positions and prefix_valid")
+    mask = attn_lib.Mask.over(positions, valid, causal=causal, prefix_valid=prefix_valid,
+                              prefix_positions=prefix_positions if prefix_kv is not None else None)
 
     def body(x, layer):
         lp, ad, is_local, pkv = layer
-        hs, qs, ks, vs = layer_qkv(lp, cfg, [x], [positions], [ad], peft_cfg, is_local)
-        k, v = ks[0], vs[0]
-        if pkv is not None:
-            k_all = jnp.concatenate([pkv[0].astype(k.dtype), k], axis=1)
-            v_all = jnp.concatenate([pkv[1].astype(v.dtype), v], axis=1)
-        else:
-            k_all, v_all = k, v
-        o = attend(cfg, qs[0], k_all, v_all, mask, local_mask, is_local, attn_impl)
-        (x,) = layer_finish(lp, cfg, [x], hs, [o], [ad], peft_cfg)
+        (x,), (k,), (v,) = apply_block(lp, cfg, [x], [positions], [mask], [ad], is_local=is_local,
+                                       prefix=None if pkv is None else [pkv], peft_cfg=peft_cfg,
+                                       attention=attn_impl)
         return x, ((k, v) if return_kv else None)
 
-    if remat:
-        body = jax.checkpoint(body)
     pkv = (prefix_kv.k, prefix_kv.v) if prefix_kv is not None else None
-    x, kv = jax.lax.scan(body, x, (params["layers"], adapters, flags, pkv))
+    x, kv = jax.lax.scan(rematerialize(body, remat), embed(params, cfg, tokens),
+                         (params["layers"], adapters, layer_flags(cfg), pkv))
     out = unembed(params, cfg, x) if compute_logits else x
     return out, (KV(*kv) if return_kv else None)
 
 
 # --------------------------------------------------------------------------- init
+def _init_block(rng, cfg: ModelConfig):
+    """One layer's boxed parameters (``nn.LogicallyPartitioned`` leaves)."""
+    x = jnp.zeros((1, 1, cfg.hidden_size), compute_dtype(cfg))
+    pos = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    return DecoderBlock(cfg).init(rng, [x], [pos], [mask], [None])["params"]
+
+
+def _outer_axes(cfg: ModelConfig):
+    axes = {"embed": ("vocab", "embed"), "final_norm": {"scale": ("norm",)}}
+    if cfg.norm_type == "layer":
+        axes["final_norm"]["bias"] = ("norm",)
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = {"kernel": ("embed", "vocab")}
+        if cfg.lm_head_bias:
+            axes["lm_head"]["bias"] = ("vocab",)
+    return axes
+
+
+def param_axes(cfg: ModelConfig):
+    """Logical axis names of every base parameter: a tree like the parameters with tuple leaves.
+
+    >>> from bitune_jax.model.config import ModelConfig
+    >>> cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    >>> param_axes(cfg)["layers"]["down_proj"]["kernel"]
+    ('layers', 'mlp', 'embed')
+    """
+    boxed = jax.eval_shape(lambda r: _init_block(r, cfg), jax.random.PRNGKey(0))
+    specs = nn.get_partition_spec(boxed)
+    layers = jax.tree_util.tree_map(lambda spec: ("layers",) + tuple(spec), specs,
+                                    is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return {**_outer_axes(cfg), "layers": layers}
+
+
 def param_shapes(cfg: ModelConfig):
     """Shape tree of the parameters of ``cfg`` (used by importers to check files)."""
-    L, d = cfg.num_layers, cfg.hidden_size
-    layers = {"attn_norm": {"scale": (L, d)}}
+    layer = jax.eval_shape(lambda r: nn.unbox(_init_block(r, cfg)), jax.random.PRNGKey(0))
+    layer = jax.tree_util.tree_map(lambda a: (cfg.num_layers,) + tuple(a.shape), layer)
+    shapes = {"embed": (cfg.vocab_size, cfg.hidden_size), "layers": _plain_dicts(layer),
+              "final_norm": {"scale": (cfg.hidden_size,)}}
     if cfg.norm_type == "layer":
-        layers["attn_norm"]["bias"] = (L, d)
-    for name in cfg.projections:
-        fi, fo = cfg.projection_shape(name)
-        entry = {"kernel": (L, fi, fo)}
-        has_bias = (name in ("q_proj", "k_proj", "v_proj") and cfg.qkv_bias) or \
-                   (name == "o_proj" and cfg.o_bias) or \
-                   (name in ("gate_proj", "up_proj", "down_proj") and cfg.mlp_bias)
-        if has_bias:
-            entry["bias"] = (L, fo)
-        layers[name] = entry
-    if not cfg.parallel_block:
-        layers["mlp_norm"] = {"scale": (L, d)}
-        if cfg.norm_type == "layer":
-            layers["mlp_norm"]["bias"] = (L, d)
-    if cfg.qk_norm:
-        layers["q_norm"] = {"scale": (L, cfg.head_dim)}
-        layers["k_norm"] = {"scale": (L, cfg.head_dim)}
-    if cfg.sandwich_norm:
-        layers["post_attn_norm"] = {"scale": (L, d)}
-        layers["post_mlp_norm"] = {"scale": (L, d)}
-    shapes = {"embed": (cfg.vocab_size, d), "layers": layers, "final_norm": {"scale": (d,)}}
-    if cfg.norm_type == "layer":
-        shapes["final_norm"]["bias"] = (d,)
+        shapes["final_norm"]["bias"] = (cfg.hidden_size,)
     if not cfg.tie_embeddings:
-        shapes["lm_head"] = {"kernel": (d, cfg.vocab_size)}
+        shapes["lm_head"] = {"kernel": (cfg.hidden_size, cfg.vocab_size)}
         if cfg.lm_head_bias:
             shapes["lm_head"]["bias"] = (cfg.vocab_size,)
     return shapes
 
 
+def _plain_dicts(tree):
+    """Flax may hand back FrozenDicts; the parameter tree is plain dicts."""
+    if isinstance(tree, Mapping):
+        return {k: _plain_dicts(v) for k, v in tree.items()}
+    return tree
+
+
 def init_params(rng, cfg: ModelConfig, std: float = 0.02):
-    """Random parameters (normal(std) weights, unit norm scales, zero biases)."""
+    """Random parameters: normal(std) weights, unit norm scales, zero biases.
+
+    Shapes come from :class:`DecoderBlock`'s declarations (:func:`param_shapes`);
+    leaf ``i`` of the flattened tree draws from ``fold_in(rng, i)``, the same
+    draws as earlier releases, so a seed keeps giving the same model.
+    """
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
     dtype = compute_dtype(cfg)

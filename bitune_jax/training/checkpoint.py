@@ -21,11 +21,20 @@ the latest. Saves can be asynchronous (the arrays are copied to host memory
 before ``save`` returns, the files are written in the background); all
 processes call ``save`` and ``restore`` together, each writing its shards.
 
-Example:
+Example (the state is any array tree; training saves its ``TrainState``):
 
-    >>> ckpt = Checkpoints("runs/x/checkpoints", keep=3)          # doctest: +SKIP
-    >>> ckpt.save(100, state, {"next_index": 100}, cfg_dict, base)   # doctest: +SKIP
-    >>> state, data_state, cfg_dict, base = ckpt.restore(100, state)  # doctest: +SKIP
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> state = {"step": jnp.array(100), "theta_k": jnp.array([0.25, 0.5])}
+    >>> ckpt = Checkpoints(tempfile.mkdtemp(), keep=3)
+    >>> ckpt.save(100, state, {"next_index": 100}, {"train": {"steps": 1000}}, {"path": "/models/m"})
+    >>> ckpt.wait()
+    >>> ckpt.latest_step()
+    100
+    >>> restored, data_state, config, base = ckpt.restore(100, state)
+    >>> int(restored["step"]), restored["theta_k"].tolist(), data_state
+    (100, [0.25, 0.5], {'next_index': 100})
+    >>> ckpt.close()
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from bitune_jax.fileio import write_json_atomic
+from bitune_jax.fileio import cache_dir, sha256_file, write_json_atomic
 
 # Config keys that may differ between a checkpoint and the run resuming it:
 # they change where things are written, how often, the device layout or the
@@ -114,8 +123,7 @@ class Checkpoints:
 
 
 def _cache_path() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "bitune_jax", "sha256.json")
+    return cache_dir("sha256.json")
 
 
 def file_sha256(path: str) -> str:
@@ -135,12 +143,8 @@ def file_sha256(path: str) -> str:
         cache = {}
     if key in cache:
         return cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
     cache = {k: v for k, v in cache.items() if not k.startswith(path + "|")}
-    cache[key] = h.hexdigest()
+    cache[key] = sha256_file(path)
     try:  # a cache that cannot be written only costs time
         write_json_atomic(cache_file, cache)
     except OSError:

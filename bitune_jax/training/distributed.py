@@ -173,20 +173,3 @@ def describe() -> str:
 
     return (f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local of "
             f"{jax.device_count()} {jax.devices()[0].platform} devices")
-
-
-def add_cli_flags(parser) -> None:
-    """Adds ``--coordinator``, ``--num-processes``, ``--process-id`` to an argparse parser."""
-    group = parser.add_argument_group("multi-process (default: auto-detected on TPU pods, GKE and SLURM)")
-    group.add_argument("--coordinator", default=None,
-                       help=f"host:port of process 0's coordinator (or ${ENV_COORDINATOR})")
-    group.add_argument("--num-processes", type=int, default=None,
-                       help=f"number of processes (or ${ENV_NUM_PROCESSES}); 1 forces a single process")
-    group.add_argument("--process-id", type=int, default=None, help=f"this process's id (or ${ENV_PROCESS_ID})")
-
-
-def initialize_from_args(args) -> Startup:
-    """:func:`initialize` with the values of :func:`add_cli_flags` (env vars fill the rest)."""
-    return initialize(coordinator=getattr(args, "coordinator", None),
-                      num_processes=getattr(args, "num_processes", None),
-                      process_id=getattr(args, "process_id", None))

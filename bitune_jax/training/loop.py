@@ -51,7 +51,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
 
 import jax
 import numpy as np
@@ -68,26 +67,13 @@ from bitune_jax.data import pipeline as data
 from bitune_jax.training import metrics
 from bitune_jax.training import sharding as shd
 from bitune_jax.training import step as ts
-from bitune_jax.config import Config, config_to_dict, load_config, save_config
+from bitune_jax.config import Config, config_to_dict, save_config
 from bitune_jax.conversion import load_model
 from bitune_jax.fileio import write_json_atomic
 
 
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite."""
-
-
-def method_config(cfg: Config) -> bitune.MethodConfig:
-    """The ``method`` section as the Bitune core's :class:`~bitune_jax.bitune.MethodConfig`."""
-    return bitune.MethodConfig(variant=cfg.method.variant, peft=cfg.method.peft, theta_init=cfg.method.theta_init)
-
-
-def optim_config(cfg: Config) -> ts.OptimConfig:
-    """The ``optim`` section as :class:`~bitune_jax.training.step.OptimConfig` (grad_accum is the loop's)."""
-    o = cfg.optim
-    return ts.OptimConfig(lr=o.lr, schedule=o.schedule, warmup_ratio=o.warmup_ratio, weight_decay=o.weight_decay,
-                          b1=o.b1, b2=o.b2, grad_clip=o.grad_clip, mix_lr=o.mix_lr,
-                          mix_weight_decay=o.mix_weight_decay)
 
 
 def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
@@ -122,10 +108,11 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
     if jax.process_count() > 1 and cfg.data.batch_size % batch_devices:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a multiple of mesh data*fsdp="
                          f"{batch_devices} when training on {jax.process_count()} processes")
-    method = method_config(cfg)
-    optimizer = ts.make_optimizer(optim_config(cfg), total_steps=cfg.train.steps)
+    method = cfg.method
+    optimizer = ts.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
     trainable = bitune.init_trainable(jax.random.PRNGKey(cfg.train.seed), model.cfg, method, model.params)
-    state, base = ts.place(mesh, ts.init_state(trainable, optimizer), model.params)
+    state, base = ts.place(mesh, ts.init_state(trainable, optimizer), model.params, cfg=model.cfg,
+                           rules=cfg.mesh.table)
     trainable = None  # the placed copies are used from here on
     if loaded_here:
         model.params = None
@@ -138,7 +125,7 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
         local = {k: np.concatenate([_pad_to(p[k], P if k == "prompt_ids" else A) for p in parts])
                  for k in ("prompt_ids", "prompt_len", "answer_ids", "answer_len")}
         tokens = int(local["prompt_len"].sum() + local["answer_len"].sum()) * jax.process_count()
-        return _global_batch(mesh, local), tokens
+        return _global_batch(mesh, local, cfg.mesh.table), tokens
 
     # --- Resume from the newest complete checkpoint ---------------------------
     ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints,
@@ -147,8 +134,10 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
     start = ckpt.latest_step() or 0
     if start:
         where = os.path.join(ckpt.directory, str(start))
-        checkpoint.check_resume(ckpt.read_json(start, "config"), config_dict, ckpt.read_json(start, "base"),
-                                base_ref, allow_base_change=allow_base_change, where=where)
+        # Keys an older release did not write take their defaults, which are what that release used.
+        saved = config_to_dict(Config.from_dict(ckpt.read_json(start, "config"), source=os.path.join(where, "config")))
+        checkpoint.check_resume(saved, config_dict, ckpt.read_json(start, "base"), base_ref,
+                                allow_base_change=allow_base_change, where=where)
         state, data_state, _, _ = ckpt.restore(start, state)
         train_it.set_state(data_state)
         say(f"resuming from {where} (step {start} of {cfg.train.steps})")
@@ -159,7 +148,8 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
     batch = tokens = step_fn = None
     if start < cfg.train.steps:  # the first batch gives the step its example shapes
         batch, tokens = next_batch()
-        step_fn = ts.make_train_step(model.cfg, method, optimizer, mesh=mesh, state=state, base=base, batch=batch,
+        step_fn = ts.make_train_step(model.cfg, method, optimizer, mesh=mesh, rules=cfg.mesh.table, state=state,
+                                     base=base, batch=batch,
                                      grad_accum=cfg.optim.grad_accum, remat=cfg.train.remat,
                                      dropout_seed=cfg.train.seed if cfg.method.peft.dropout > 0 else None)
     else:
@@ -263,13 +253,13 @@ def _pad_to(x: np.ndarray, width: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, width - x.shape[1])))
 
 
-def _global_batch(mesh, local):
+def _global_batch(mesh, local, rules):
     """This process's rows of every batch array -> one global ``jax.Array`` split over (data, fsdp)."""
     n = jax.process_count()
 
     def one(x):
         shape = (x.shape[0] * n,) + x.shape[1:]
-        sharding = shd.batch_sharding(mesh, jax.ShapeDtypeStruct(shape, x.dtype))
+        sharding = shd.batch_sharding(mesh, jax.ShapeDtypeStruct(shape, x.dtype), rules)
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return {k: one(v) for k, v in local.items() if k != "example_id"}
@@ -308,81 +298,3 @@ class _SigtermFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
         return False
-
-
-def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None, model=None) -> int:
-    """Writes the adapters of a run's checkpoint (default: the latest) in PEFT layout; returns the step.
-
-    The run's saved config says which model, variant and optimizer built the
-    state, so the checkpoint restores into exactly that structure. ``model``:
-    that config's base model, already loaded (else it is loaded here).
-    """
-    from bitune_jax.conversion.adapters import export_adapters
-
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{run_dir}: no checkpoints/ folder (is this a train.output_dir?)")
-    ckpt = checkpoint.Checkpoints(ckpt_dir, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in ckpt.all_steps():
-            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint at step {step} "
-                                    f"(available: {sorted(ckpt.all_steps())})")
-        cfg = Config.from_dict(ckpt.read_json(step, "config"), source=os.path.join(ckpt_dir, str(step), "config"))
-        if model is None:
-            model = load_model(assets.resolve_model_source(cfg.model.source), dtype=cfg.model.dtype,
-                               with_tokenizer=False)
-        method = method_config(cfg)
-        optimizer = ts.make_optimizer(optim_config(cfg), total_steps=cfg.train.steps)
-        like = ts.init_state(bitune.init_trainable(jax.random.PRNGKey(0), model.cfg, method, model.params), optimizer)
-        state = ckpt.restore(step, like)[0]
-    finally:
-        ckpt.close()
-    export_adapters(out_dir, jax.device_get(state.trainable), model.cfg, method, cfg.model.source)
-    return step
-
-
-# ----------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------
-
-
-def _cmd_train(args):
-    from bitune_jax.training import distributed
-
-    cfg = load_config(args.config, args.overrides)  # a bad config fails before any process waits for others
-    distributed.initialize_from_args(args)
-    if jax.process_count() > 1 and jax.process_index() == 0:
-        print(distributed.describe(), file=sys.stderr)
-    summary = train(cfg, allow_base_change=args.allow_base_change)
-    if jax.process_index() == 0:
-        losses = f"train loss {summary['train_loss']}" + (
-            f", eval loss {summary['eval_loss']}" if summary["eval_loss"] is not None else "")
-        print(f"{summary['status']} at step {summary['step']}/{summary['steps']}: {losses}; "
-              f"checkpoint {summary['checkpoint']}; summary {os.path.join(summary['output_dir'], 'summary.json')}")
-
-
-def add_cli(subparsers) -> None:
-    """Registers ``bitune-jax train CONFIG.yaml [key=value ...]``."""
-    p = subparsers.add_parser("train", help="train (or resume) a run described by a YAML config",
-                              description="Trains the run of CONFIG.yaml; key=value arguments override config "
-                                          "keys (optim.lr=1e-3). Re-running with the same train.output_dir "
-                                          "resumes from its latest checkpoint. SIGTERM saves and exits 0.")
-    p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, values parsed as YAML")
-    p.add_argument("--allow-base-change", action="store_true",
-                   help="resume even if the base model's content hash differs from the checkpoint's")
-    from bitune_jax.training import distributed
-
-    distributed.add_cli_flags(p)
-    p.set_defaults(fn=_cmd_train)
-
-    e = subparsers.add_parser("export-adapters", help="write a run's adapters in PEFT layout",
-                              description="Exports the adapters and mixing coefficients of a training run's "
-                                          "checkpoint to OUT_DIR/causal, OUT_DIR/bidirectional (PEFT folders) "
-                                          "and OUT_DIR/mixing.safetensors.")
-    e.add_argument("run", help="the run's train.output_dir")
-    e.add_argument("out", help="output folder (written atomically)")
-    e.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    e.set_defaults(fn=lambda a: print(f"exported step {export_run_adapters(a.run, a.out, a.step)} of {a.run} "
-                                      f"to {a.out}"))

@@ -13,9 +13,16 @@ when the run resumes, see :func:`truncate_after`). Only process 0 writes.
 
 Example:
 
-    >>> w = MetricsWriter("runs/x")                     # doctest: +SKIP
-    >>> w.write({"step": 1, "split": "train", "loss": 2.0})  # doctest: +SKIP
-    >>> w.close(); plot_training("runs/x/metrics.jsonl", "runs/x/training.png")  # doctest: +SKIP
+    >>> import os, tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> w = MetricsWriter(run)
+    >>> w.write({"step": 1, "split": "train", "loss": 2.0, "alpha_k": [0.5, 0.5]})
+    >>> w.write({"step": 2, "split": "train", "loss": 1.5, "alpha_k": [0.4, 0.6]})
+    >>> w.close()
+    >>> [r["loss"] for r in read_metrics(os.path.join(run, "metrics.jsonl"))]
+    [2.0, 1.5]
+    >>> sorted(os.listdir(run))
+    ['metrics.jsonl', 'tb']
 """
 from __future__ import annotations
 

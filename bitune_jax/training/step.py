@@ -30,31 +30,58 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from bitune_jax import bitune
+from bitune_jax import bitune, schema
 from bitune_jax.training import sharding as shd
 from bitune_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer hyperparameters (defaults: the paper's instruction tuning)."""
+    """Optimizer hyperparameters (the ``optim`` config section; defaults: the paper's instruction tuning).
 
-    lr: float = 3e-4
-    schedule: str = "linear"  # linear | cosine | constant (all with warmup)
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: Optional[float] = 1.0
-    mix_lr: Optional[float] = None  # None: same as lr
-    mix_weight_decay: float = 0.0
+    :func:`make_optimizer` builds AdamW on the adapters and AdamW with its own
+    learning rate and decay on the mixing parameters from them.
+
+    Attributes:
+      lr: peak learning rate of the adapters (paper: 3e-4 instruction tuning,
+        1e-3 single task).
+      schedule: ``linear`` (warmup then linear decay to 0, as in the paper),
+        ``cosine`` (warmup then cosine decay to 0) or ``constant`` (after
+        warmup).
+      warmup_ratio: fraction of the total steps spent warming up linearly.
+      weight_decay: AdamW decoupled weight decay of the adapters.
+      b1, b2: Adam moment decay rates.
+      eps: Adam's denominator epsilon.
+      grad_clip: global gradient-norm clip; None disables clipping.
+      grad_accum: micro-batches whose gradients are averaged into one update
+        (the ``grad_accum`` of :func:`make_train_step`; the training loop
+        feeds one step that many data batches).
+      mix_lr: peak learning rate of the mixing parameters theta (same
+        schedule); None uses ``lr``.
+      mix_weight_decay: weight decay of the mixing parameters.
+    """
+
+    lr: float = schema.field(3e-4, gt=0.0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = schema.field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = schema.field(0.0, ge=0.0)
+    b1: float = schema.field(0.9, ge=0.0, lt=1.0)
+    b2: float = schema.field(0.999, ge=0.0, lt=1.0)
+    eps: float = schema.field(1e-8, gt=0.0)
+    grad_clip: Optional[float] = schema.field(1.0, gt=0.0)
+    grad_accum: int = schema.field(1, ge=1)
+    mix_lr: Optional[float] = schema.field(None, gt=0.0)
+    mix_weight_decay: float = schema.field(0.0, ge=0.0)
+
+    def __post_init__(self):
+        schema.validate(self, "optim")
 
 
 def make_schedule(lr: float, kind: str, total_steps: int, warmup_ratio: float):
@@ -115,13 +142,14 @@ def _metrics(loss, aux, grads, trainable, method):
 
 def make_train_step(cfg: ModelConfig, method: bitune.MethodConfig, optimizer, *, mesh=None, state=None, base=None,
                     batch=None, grad_accum: int = 1, remat: str = "none", attn_impl: str = "reference",
-                    dropout_seed: Optional[int] = None, donate: bool = True):
+                    dropout_seed: Optional[int] = None, donate: bool = True, rules=shd.DEFAULT_RULES):
     """Returns ``step(state, base, batch) -> (state, metrics)``, jitted.
 
     With ``mesh`` (and example ``state``, ``base``, ``batch`` trees to read
-    shapes from), the step gets explicit ``in_shardings``/``out_shardings``:
-    parameters and optimizer state per :mod:`bitune_jax.training.sharding`, the batch
-    split over (data, fsdp), metrics replicated.
+    shapes from), the step gets explicit ``in_shardings``/``out_shardings``
+    from the logical axis names of every array and the ``rules`` table
+    (:mod:`bitune_jax.training.sharding`): parameters, adapters and optimizer
+    state as their axes say, the batch over (data, fsdp), metrics replicated.
 
     ``grad_accum`` splits the batch into that many equal micro-batches and
     averages their gradients; since every micro-batch has the same number of
@@ -163,22 +191,31 @@ def make_train_step(cfg: ModelConfig, method: bitune.MethodConfig, optimizer, *,
         return jax.jit(step, donate_argnums=(0,) if donate else ())
     if state is None or base is None or batch is None:
         raise ValueError("make_train_step with a mesh needs example state, base and batch trees for shardings")
-    state_sh = state_shardings(mesh, state)
-    base_sh = shd.tree_shardings(mesh, base)
-    batch_sh = shd.batch_sharding(mesh, batch)
+
+    def step_on_mesh(state, base, batch):
+        # Activations carry logical axis names too (transformer.constrain); they bind while tracing here.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return step(state, base, batch)
+
+    state_sh = state_shardings(mesh, state, cfg, rules)
+    base_sh = shd.base_shardings(mesh, base, cfg, rules)
+    batch_sh = shd.batch_sharding(mesh, batch, rules)
     metric_sh = shd.replicated(mesh)
-    return jax.jit(step, in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, metric_sh),
+    return jax.jit(step_on_mesh, in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, metric_sh),
                    donate_argnums=(0,) if donate else ())
 
 
-def state_shardings(mesh, state: TrainState):
-    return TrainState(shd.replicated(mesh), shd.tree_shardings(mesh, state.trainable),
-                      shd.tree_shardings(mesh, state.opt_state))
+def state_shardings(mesh, state: TrainState, cfg: ModelConfig, rules=shd.DEFAULT_RULES):
+    """Shardings of a :class:`TrainState` from the logical axes of its trainable tree."""
+    trainable_sh = shd.tree_shardings(mesh, state.trainable, shd.trainable_axes(state.trainable, cfg), rules)
+    return TrainState(shd.replicated(mesh), trainable_sh,
+                      shd.opt_state_shardings(mesh, state.opt_state, state.trainable, trainable_sh))
 
 
-def place(mesh, state: TrainState, base, batch=None):
+def place(mesh, state: TrainState, base, batch=None, *, cfg: ModelConfig, rules=shd.DEFAULT_RULES):
     """Moves state, base (and batch) onto the mesh with the step's shardings."""
-    out = (jax.device_put(state, state_shardings(mesh, state)), jax.device_put(base, shd.tree_shardings(mesh, base)))
+    out = (jax.device_put(state, state_shardings(mesh, state, cfg, rules)),
+           jax.device_put(base, shd.base_shardings(mesh, base, cfg, rules)))
     if batch is not None:
-        out += (jax.device_put(batch, shd.batch_sharding(mesh, batch)),)
+        out += (jax.device_put(batch, shd.batch_sharding(mesh, batch, rules)),)
     return out
