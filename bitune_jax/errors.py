@@ -2,6 +2,9 @@
 
 Library code raises ``ValueError`` subclasses whose message names the file,
 key or field at fault (``ModelFileError``, ``DataError``, ``ConfigError``,
-``UnsupportedModelError``). Set ``BITUNE_DEBUG=1`` to see the traceback.
+``UnsupportedModelError``, ``OutputError``, ``CheckpointError``). ``OSError``
+is there too (a file that vanished, a full disk): where the library writes, it
+names the file itself (``fileio.OutputError``), elsewhere the system's message
+usually does. Set ``BITUNE_DEBUG=1`` to see the traceback.
 """
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, OSError)

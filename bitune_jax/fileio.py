@@ -4,7 +4,10 @@ Every output file of the library (results, JSONL rows, configs, plots,
 summaries) is written to a temporary file in the target folder and moved
 into place with ``os.replace``, which is atomic on POSIX file systems: a
 reader sees the old file or the complete new one, and a crash or an error
-leaves no partial file behind (the temporary file is removed).
+leaves no partial file behind (the temporary file is removed). A write the
+file system refuses (read-only, full, a file where a folder should be) raises
+:class:`OutputError` naming the target; commands call :func:`check_writable`
+before their work, so they fail in seconds rather than after it.
 
 Example:
 
@@ -14,6 +17,11 @@ Example:
     >>> with atomic_path(os.path.join(d, "plot.png")) as tmp:
     ...     open(tmp, "wb").write(b"...")  # e.g. fig.savefig(tmp, format="png")
     3
+    >>> try:  # out.json is a file, so nothing can be written under it
+    ...     check_writable(os.path.join(d, "out.json", "results.json"))
+    ... except OutputError as e:
+    ...     print(str(e).replace(d, "D"))
+    D/out.json/results.json: cannot write here: D/out.json is a file, not a folder
 """
 from __future__ import annotations
 
@@ -25,6 +33,39 @@ import uuid
 from typing import Iterable, Iterator
 
 
+class OutputError(ValueError):
+    """An output file or folder cannot be written (read-only or full file system, not a folder, ...)."""
+
+
+def _cannot_write(path: str, e: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write: {e.strerror or e}")
+
+
+def check_writable(path: str, folder: bool = False) -> None:
+    """Raises :class:`OutputError` unless ``path`` (a file; with ``folder``, a folder) can be written.
+
+    The nearest existing folder on the way must be a folder that takes a new
+    file: one is created and removed there. Nothing is left behind, and
+    missing folders are not created.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not folder:
+        raise OutputError(f"{path}: cannot write here: it is a folder, not a file")
+    if os.path.lexists(path) and not os.path.isdir(path) and folder:
+        raise OutputError(f"{path}: cannot write here: it is a file, not a folder")
+    existing = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f"{path}: cannot write here: {existing} is a file, not a folder")
+    probe = os.path.join(existing, f".tmp-{uuid.uuid4().hex}-probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write in {existing}: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temporary path next to ``path``; on a clean exit it becomes ``path``.
@@ -32,18 +73,33 @@ def atomic_path(path: str) -> Iterator[str]:
     The file is created with mode 0o666 filtered by the umask, so it gets the
     permissions a plain ``open(path, "w")`` would give it (``mkstemp`` would
     make it readable by its owner only). On an exception the temporary file is
-    removed and ``path`` is untouched.
+    removed and ``path`` is untouched; an ``OSError`` (a full or read-only
+    file system) becomes an :class:`OutputError` naming ``path``.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        os.makedirs(directory, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise _cannot_write(path, e) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def make_temp_dir(parent: str, prefix: str) -> str:
+    """Creates and returns a new empty folder ``<parent>/<prefix><random hex>``.
+
+    Its mode is 0o777 filtered by the umask, as ``os.mkdir`` gives (the
+    folder usually becomes an output by a rename); ``tempfile.mkdtemp``
+    would make it 0o700.
+    """
+    path = os.path.join(parent, f"{prefix}{uuid.uuid4().hex}")
+    os.mkdir(path)
+    return path
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -60,7 +60,7 @@ def test_bitune_loss_and_gradients_with_blocked_attention(variant):
              "answer_len": jnp.array([4, 1, 2])}
 
     def loss(impl):
-        return jax.value_and_grad(lambda t: bitune.loss_fn(t, base, CFG, method, batch, attn_impl=impl)[0])(trainable)
+        return jax.value_and_grad(lambda t: bitune.loss_fn(t, base, CFG, method, batch, attention=impl)[0])(trainable)
 
     (l_ref, g_ref), (l_blk, g_blk) = loss("reference"), loss("blocked")
     assert abs(float(l_blk) - float(l_ref)) <= 1e-5 * abs(float(l_ref))

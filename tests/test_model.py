@@ -109,5 +109,5 @@ def test_fast_attention_matches_reference():
     for causal in (True, False):
         mask = make_mask(pos, pos, valid, valid, causal=causal)
         ref = dot_product_attention(q, k, v, mask, scale=d ** -0.5)
-        fast = dot_product_attention(q, k, v, mask, scale=d ** -0.5, impl="fast")
+        fast = dot_product_attention(q, k, v, mask, scale=d ** -0.5, impl="xla")
         assert np.abs(np.asarray(ref) - np.asarray(fast)).max() <= 1e-5

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import bitune
-
 from bitune_jax.training import step as ts
 from bitune_jax.model.peft import PeftConfig
 
@@ -64,7 +63,7 @@ def _peak_flops():
 
 
 def train_step_bench(base, cfg, *, batch=8, prompt=192, answer=64, steps=3, variants=("lora", "bitune"),
-                     remat="none", attn_impl="reference"):
+                     remat="none", attention="auto"):
     """Times train steps of each variant on one batch; returns a list of JSON-ready dicts."""
     data = _batch(cfg.vocab_size, batch, prompt, answer)
     steps_fns, states, mem = {}, {}, {}
@@ -72,7 +71,7 @@ def train_step_bench(base, cfg, *, batch=8, prompt=192, answer=64, steps=3, vari
     for v in variants:
         method = bitune.MethodConfig(variant=v, peft=PeftConfig(rank=8, alpha=1.0))
         state = ts.init_state(bitune.init_trainable(jax.random.PRNGKey(0), cfg, method, base), opt)
-        fn = ts.make_train_step(cfg, method, opt, remat=remat, attn_impl=attn_impl, donate=False)
+        fn = ts.make_train_step(cfg, method, opt, remat=remat, attention=attention, donate=False)
         compiled = fn.lower(state, base, data).compile()
         try:
             ma = compiled.memory_analysis()
@@ -136,7 +135,8 @@ DEFAULT_LENGTHS = ((192, 64), (448, 64), (64, 64))  # train-step (prompt, answer
 QUICK_LENGTHS = ((24, 8), (48, 8))
 
 
-def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, remat="none", only=BENCHES, out=None):
+def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, remat="none", only=BENCHES, out=None,
+                attention="auto"):
     """Runs the selected benchmarks, printing JSON lines (to ``out``, default stdout); returns the rows.
 
     Args:
@@ -148,6 +148,7 @@ def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, re
       quick: a tiny random model and short lengths (CI).
       remat: rematerialisation of the train step (``none``, ``full``, ``dots``).
       only: a subset of :data:`BENCHES`.
+      attention: the attention implementation of every benchmark (``bitune_jax.model.attention``).
     """
     from bitune_jax.apps import bench_eval
 
@@ -162,9 +163,11 @@ def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, re
     rows = []
     if "train" in only:
         for p, a in lengths:
-            for row in train_step_bench(base, cfg, batch=batch, prompt=p, answer=a, steps=steps, remat=remat):
-                row["model"] = name
+            for row in train_step_bench(base, cfg, batch=batch, prompt=p, answer=a, steps=steps, remat=remat,
+                                        attention=attention):
+                row.update(model=name, attention=attention)
                 print(json.dumps(row), file=out, flush=True)
                 rows.append(row)
-    rows += bench_eval.run_eval_benches(base, cfg, loaded, name=name, quick=quick, reps=steps, only=only, out=out)
+    rows += bench_eval.run_eval_benches(base, cfg, loaded, name=name, quick=quick, reps=steps, only=only, out=out,
+                                        attention=attention)
     return rows

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitune_jax import bitune
-
 from bitune_jax.data import tasks
 from bitune_jax.evaluation.evaluate import encode_mc, score_choices, score_choices_naive
 from bitune_jax.evaluation.generate import Sampling, decode, start
@@ -66,15 +65,17 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def mc_eval_bench(base, cfg, model, *, n=32, batch_size=8, reps=3, quick=False, variants=("bitune", "lora")):
+def mc_eval_bench(base, cfg, model, *, n=32, batch_size=8, reps=3, quick=False, variants=("bitune", "lora"),
+                  attention="auto"):
     ctx, conts, source = _questions(model, n, cfg.vocab_size, quick)
     out = []
     for variant in variants:
         tr, method = _trainable(cfg, base, variant)
         fns = {
-            "shared": lambda: [x for x, _ in score_choices(base, cfg, ctx, conts, tr, method, batch_size=batch_size)],
+            "shared": lambda: [x for x, _ in score_choices(base, cfg, ctx, conts, tr, method, batch_size=batch_size,
+                                                           attention=attention)],
             "naive": lambda: score_choices_naive(base, cfg, ctx, conts, tr, method, batch_size=batch_size * 4,
-                                                 bucket=8),
+                                                 bucket=8, attention=attention),
         }
         results = {k: f() for k, f in fns.items()}  # compile
         diff = max(float(np.abs(a - b).max()) for a, b in zip(results["shared"], results["naive"]))
@@ -93,7 +94,7 @@ def mc_eval_bench(base, cfg, model, *, n=32, batch_size=8, reps=3, quick=False, 
     return out
 
 
-def decode_bench(base, cfg, *, batch=8, prompt=64, new=64, reps=3):
+def decode_bench(base, cfg, *, batch=8, prompt=64, new=64, reps=3, attention="auto"):
     rng = np.random.default_rng(1)
     ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, prompt)), jnp.int32)
     plen = jnp.asarray(rng.integers(prompt // 2, prompt + 1, (batch,)), jnp.int32)
@@ -102,11 +103,12 @@ def decode_bench(base, cfg, *, batch=8, prompt=64, new=64, reps=3):
 
     def prefill(v):
         tr, method = setups[v]
-        return start(tr, base, ids, plen, keys, cfg=cfg, method=method, max_new=new)
+        return start(tr, base, ids, plen, keys, cfg=cfg, method=method, max_new=new, attention=attention)
 
     def run_decode(v, state):
         tr, method = setups[v]
-        return decode(base, tr["causal"], state, cfg=cfg, peft_cfg=method.peft, sampling=Sampling(), n_steps=new)
+        return decode(base, tr["causal"], state, cfg=cfg, peft_cfg=method.peft, sampling=Sampling(), n_steps=new,
+                      attention=attention)
 
     for v in setups:  # compile both
         jax.block_until_ready(run_decode(v, prefill(v)))
@@ -132,20 +134,20 @@ def decode_bench(base, cfg, *, batch=8, prompt=64, new=64, reps=3):
 
 
 def run_eval_benches(base, cfg, model, *, name, quick=False, questions=None, reps=3, only=("mc_eval", "decode"),
-                     out=None):
+                     out=None, attention="auto"):
     """Prints the mc_eval and decode JSON lines for an already loaded model."""
     import sys
 
     out = out or sys.stdout
-    info = {"model": name, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+    info = {"model": name, "attention": attention, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "host": platform.processor() or platform.machine()}
     n = questions or (16 if quick else 32)
     dec_kw = dict(batch=4, prompt=32, new=16) if quick else dict(batch=8, prompt=64, new=64)
     rows = []
     if "mc_eval" in only:
-        rows += mc_eval_bench(base, cfg, model, n=n, reps=reps, quick=quick)
+        rows += mc_eval_bench(base, cfg, model, n=n, reps=reps, quick=quick, attention=attention)
     if "decode" in only:
-        rows += decode_bench(base, cfg, reps=reps, **dec_kw)
+        rows += decode_bench(base, cfg, reps=reps, attention=attention, **dec_kw)
     for row in rows:
         print(json.dumps({**row, **info}), file=out, flush=True)
     return rows

@@ -62,10 +62,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bitune_jax.conversion import assets
-
 from bitune_jax.data import demo_data
 from bitune_jax.data.demo_data import DEMO_TASKS
-
 from bitune_jax.training import metrics
 from bitune_jax.training import loop as train_lib
 from bitune_jax.conversion.adapters import export_run_adapters, load_adapters_for_scoring
@@ -336,7 +334,8 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
         for task in tasks:
             bar.set_postfix_str(f"{name} {task}")
             metrics_, rows = evaluate_mc(model.params, model.cfg, model.tokenizer, data["eval"][task], trainable,
-                                         method, batch_size=batch_size, progress=True)
+                                         method, batch_size=batch_size, progress=True,
+                                         attention=preset_cfg.model.attention)
             results_tasks.setdefault(task, {})[name] = metrics_
             item_rows.setdefault(task, {})[name] = rows
             bar.update(1)

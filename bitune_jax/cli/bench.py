@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bitune_jax.cli.common import add_attention_flag
+
 HELP = "speed and memory benchmarks (JSON lines)"
 
 
@@ -24,10 +26,12 @@ def add_arguments(p) -> None:
     p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     p.add_argument("--only", help="comma-separated subset of train,mc_eval,decode (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny random model and short lengths (CI)")
+    add_attention_flag(p)
 
 
 def run(args) -> None:
     from bitune_jax.apps.bench import BENCHES, run_benches
 
     only = BENCHES if args.only is None else tuple(x for x in args.only.split(",") if x)
-    run_benches(args.model, args.batch, args.lengths, args.steps, args.quick, args.remat, only)
+    run_benches(args.model, args.batch, args.lengths, args.steps, args.quick, args.remat, only,
+                attention=args.attention)

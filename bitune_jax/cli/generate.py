@@ -2,6 +2,8 @@
 stop strings)."""
 from __future__ import annotations
 
+from bitune_jax.cli.common import add_attention_flag, positive_int
+
 HELP = "generate text (Bitune prefill, then KV-cache decoding)"
 
 
@@ -13,14 +15,15 @@ def add_arguments(p) -> None:
     p.add_argument("--adapters", help="adapter folder (Bitune export or a plain PEFT LoRA folder)")
     p.add_argument("--variant", help="Bitune variant (default: from the adapters)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--out", help="write results as JSONL here")
+    add_attention_flag(p)
 
 
 def _prompts(args):
@@ -47,6 +50,6 @@ def run(args) -> None:
     rows = run_generate(args.model, _prompts(args), adapters=args.adapters, variant=args.variant, out=args.out,
                         dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                        batch_size=args.batch_size, progress=True)
+                        batch_size=args.batch_size, progress=True, attention=args.attention)
     for r in rows:
         print(f"--- [{r['finish_reason']}] {r['prompt']!r}\n{r['text']}")

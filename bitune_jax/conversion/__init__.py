@@ -22,7 +22,7 @@ import dataclasses
 import os
 from typing import Any
 
-from bitune_jax.conversion.common import ModelFileError
+from bitune_jax.conversion.common import PICKLE_SUFFIXES, ModelFileError
 from bitune_jax.model.config import ModelConfig
 from bitune_jax.conversion.families import UnsupportedModelError
 
@@ -76,6 +76,9 @@ def load_model(src: str, dtype: str = "float32", with_tokenizer: bool = True) ->
         from bitune_jax.conversion.hf import load_hf
 
         params, cfg = load_hf(src, dtype=dtype)
+    elif src.endswith(PICKLE_SUFFIXES):
+        raise ModelFileError(f"{src}: a pickled checkpoint; pickles are never loaded (they can run code). Convert "
+                             "it to safetensors (save_pretrained(..., safe_serialization=True)) and pass the folder")
     else:
         raise ModelFileError(f"model source {src!r} is neither a directory nor a .gguf file")
     tok = load_tokenizer(src) if with_tokenizer else None

@@ -22,10 +22,35 @@ family's HF module paths (``families.family_of_config(cfg).hf_modules`` and
 
 Every write goes into a temporary directory next to the target that is
 renamed into place at the end, so a failed export leaves nothing behind.
+:func:`export_run_adapters` exports the adapters of a training run's checkpoint.
+
 :func:`import_adapters` reads the layout back (bitwise), and also accepts a
 plain PEFT LoRA/DoRA/IA3 folder (``adapter_config.json`` at top level) as a
-``lora``-variant adapter. :func:`export_run_adapters` exports the adapters of a
-training run's checkpoint.
+``lora``-variant adapter. Every set folder, plain or inside a Bitune
+directory, may be in any form PEFT writes, matched with PEFT's own rules
+(:mod:`bitune_jax.conversion.peft_rules`):
+
+* ``target_modules``: short names (``q_proj``), suffixes or full module paths
+  (``model.layers.1.self_attn.o_proj``), a regex string (full match),
+  ``"all-linear"`` or null (PEFT's default for the model type);
+  ``layers_to_transform``/``layers_pattern`` and ``exclude_modules``;
+* ``rank_pattern``/``alpha_pattern``, ``use_rslora``, ``use_dora``,
+  ``lora_dropout``, ``fan_in_fan_out`` (PEFT resets it on ``nn.Linear``; the
+  tensors keep ``nn.Linear``'s layout); IA3 with ``feedforward_modules``.
+
+Our sets are stacked over layers, so what a folder adapts in some layers or
+projections only is completed with updates that change nothing: zero LoRA A
+and B, IA3 scales of one, DoRA magnitudes equal to the base kernels' column
+norms (hence DoRA needs ``base_params`` then; ``load_with_adapters`` passes
+them). The sets of one directory share one ``PeftConfig`` (the union of their
+targets); when ranks or scalings differ between modules, A and B are
+zero-padded to the largest rank and each module's scaling is multiplied into
+its B under a runtime scaling of one. Anything PEFT would apply that this
+library cannot (``modules_to_save``, adapters on embeddings or ``lm_head``,
+a target matching no projection, tensors of modules the config does not
+adapt, IA3 input scaling of other than ``down_proj``, base-rewriting
+initialisations such as PiSSA) is an :class:`AdapterFileError` naming the file
+and the module.
 
 Example:
 
@@ -50,9 +75,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
-import re
 import shutil
 import tempfile
 from typing import Dict, List, Optional, Tuple
@@ -61,11 +84,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 from bitune_jax import bitune
 from bitune_jax.model import peft as peft_lib
-from bitune_jax.conversion import families
+from bitune_jax.conversion import families, peft_rules
+from bitune_jax.fileio import make_temp_dir
 from bitune_jax.model.config import ModelConfig
 
 FORMAT = "bitune-jax-adapters"
@@ -124,14 +148,6 @@ def _to_peft(leaf: str, name: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _peft_shape(leaf: str, name: str, our_layer_shape: tuple) -> tuple:
-    if leaf in ("lora_a", "lora_b"):
-        return tuple(reversed(our_layer_shape))
-    if leaf == "scale":
-        return (1,) + our_layer_shape if name in peft_lib.IA3_FEEDFORWARD else our_layer_shape + (1,)
-    return our_layer_shape
-
-
 def _target_module_names(model_cfg: ModelConfig, targets) -> List[str]:
     """``target_modules`` for adapter_config.json: the last path component when unambiguous."""
     fam = families.family_of_config(model_cfg)
@@ -161,16 +177,24 @@ def _replaceable(path: str) -> bool:
     return not entries or BITUNE_JSON in entries
 
 
+def _check_out_dir(out_dir: str) -> None:
+    """Raises unless ``out_dir`` can become an export: absent, empty or an earlier export, in a writable place."""
+    from bitune_jax.fileio import check_writable
+
+    if os.path.lexists(out_dir) and not _replaceable(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not an adapter export (no {BITUNE_JSON}); "
+                              "refusing to replace it")
+    check_writable(out_dir, folder=True)
+
+
 @contextlib.contextmanager
 def _atomic_dir(out_dir: str):
     """Yields a temporary directory that replaces ``out_dir`` when the block succeeds."""
     out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not _replaceable(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not an adapter export (no {BITUNE_JSON}); "
-                              "refusing to replace it")
+    _check_out_dir(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    tmp = make_temp_dir(parent, f".{os.path.basename(out_dir)}.tmp-")  # the umask's mode, not mkdtemp's 0o700
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -189,6 +213,12 @@ def _atomic_dir(out_dir: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _save_safetensors(tensors, path: str, metadata) -> None:
+    # safetensors' save_file makes the file 0o600; open() gives the umask's mode like every other output.
+    with open(path, "wb") as f:
+        f.write(safetensors_bytes(tensors, metadata=metadata))
 
 
 def _write_json(path: str, obj) -> None:
@@ -246,7 +276,7 @@ def _write_set(folder: str, adapters, model_cfg: ModelConfig, peft_cfg, base_mod
             arr = np.asarray(leaves[leaf])
             for l in range(model_cfg.num_layers):
                 tensors[_PEFT_PREFIX + _module_path(model_cfg, name, l) + suffix] = _to_peft(leaf, name, arr[l])
-    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    _save_safetensors(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     _write_json(os.path.join(folder, ADAPTER_CONFIG), _adapter_config(model_cfg, peft_cfg, base_model_name_or_path))
 
 
@@ -281,10 +311,10 @@ def export_adapters(out_dir: str, trainable, model_cfg: ModelConfig, method_cfg:
             _write_set(os.path.join(tmp, SET_DIRS[name]), trainable[name], model_cfg, method_cfg.peft,
                        base_model_name_or_path)
         if method_cfg.mixed:
-            save_file({"theta_k": np.asarray(trainable["mix"]["theta_k"], np.float32),
-                       "theta_v": np.asarray(trainable["mix"]["theta_v"], np.float32),
-                       "theta_init": np.asarray([method_cfg.theta_init], np.float32)},
-                      os.path.join(tmp, MIXING_FILE), metadata={"format": "pt"})
+            _save_safetensors({"theta_k": np.asarray(trainable["mix"]["theta_k"], np.float32),
+                               "theta_v": np.asarray(trainable["mix"]["theta_v"], np.float32),
+                               "theta_init": np.asarray([method_cfg.theta_init], np.float32)},
+                              os.path.join(tmp, MIXING_FILE), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, BITUNE_JSON), {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -314,6 +344,7 @@ def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None, 
     from bitune_jax.training import checkpoint
     from bitune_jax.training import step as ts
 
+    _check_out_dir(os.path.abspath(out_dir))  # before the checkpoint is restored
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{run_dir}: no checkpoints/ folder (is this a train.output_dir?)")
@@ -351,116 +382,189 @@ def _read_json(path: str) -> dict:
     return obj
 
 
-def _resolve_targets(spec, model_cfg: ModelConfig, where: str) -> Tuple[str, ...]:
-    """Canonical projections named by a PEFT ``target_modules`` (list of names or a regex string)."""
-    fam = families.family_of_config(model_cfg)
-    if spec is None:
-        raise AdapterFileError(f"{where}: 'target_modules' is missing")
-    if isinstance(spec, str):
-        found = [p for p in model_cfg.projections if re.fullmatch(spec, _module_path(model_cfg, p, 0))]
-        if not found:
-            raise AdapterFileError(f"{where}: target_modules regex {spec!r} matches no projection of the model "
-                                   f"(modules: {[fam.hf_modules[p] for p in model_cfg.projections]})")
-        for p in found:
-            for l in range(model_cfg.num_layers):
-                if not re.fullmatch(spec, _module_path(model_cfg, p, l)):
-                    raise AdapterFileError(f"{where}: target_modules regex {spec!r} adapts {p} in some layers "
-                                           "only; per-layer subsets are not supported")
-        return tuple(found)
-    if not isinstance(spec, (list, tuple)):
-        raise AdapterFileError(f"{where}: 'target_modules' must be a list or a string, got {spec!r}")
-    found = set()
-    for t in spec:
-        hits = [p for p in model_cfg.projections
-                if fam.hf_modules[p] == t or fam.hf_modules[p].endswith("." + t)
-                or _module_path(model_cfg, p, 0).endswith("." + t)]
-        if not hits:
-            raise AdapterFileError(
-                f"{where}: target module {t!r} is not a projection of this {model_cfg.family} model "
-                f"(its modules: {[fam.hf_modules[p] for p in model_cfg.projections]})")
-        found.update(hits)
-    return tuple(p for p in model_cfg.projections if p in found)
+# Modules PEFT can adapt that this library cannot (the models here have no other linear layers).
+_OTHER_MODULES = ("model.embed_tokens", "lm_head")
+# Config keys that change what the adapters compute in ways this library does not implement.
+_MUST_BE_EMPTY = ("layer_replication", "trainable_token_indices", "target_parameters", "use_qalora", "lora_bias",
+                  "use_bdlora", "alora_invocation_tokens", "velora_config", "monteclora_config", "kasa_config",
+                  "arrow_config")
+# init_lora_weights values whose adapters are relative to base weights PEFT rewrites when it loads them.
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
-_MUST_BE_EMPTY = ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern", "layer_replication",
-                  "trainable_token_indices", "target_parameters", "use_qalora", "lora_bias", "fan_in_fan_out",
-                  "exclude_modules", "use_bdlora")
-
-
-def _peft_config_from(cfg: dict, model_cfg: ModelConfig, where: str) -> peft_lib.PeftConfig:
+def _method_of(cfg: dict, where: str) -> str:
+    """``lora``, ``dora`` or ``ia3`` for a PEFT config; errors for what this library cannot apply."""
     ptype = cfg.get("peft_type")
     if ptype not in ("LORA", "IA3"):
         raise AdapterFileError(f"{where}: peft_type {ptype!r} is not supported; allowed: 'LORA', 'IA3'")
+    if cfg.get("modules_to_save"):
+        raise AdapterFileError(f"{where}: modules_to_save={cfg['modules_to_save']!r}: PEFT saves whole trained "
+                               "copies of these modules; this library adapts only the layers' projections")
+    if ptype == "IA3":
+        return "ia3"
     for key in _MUST_BE_EMPTY:
         if cfg.get(key):
-            raise AdapterFileError(f"{where}: {key}={cfg[key]!r} is not supported (only plain per-projection "
-                                   "adapters on every layer can be imported)")
-    targets = _resolve_targets(cfg.get("target_modules"), model_cfg, where)
-    if ptype == "IA3":
-        ff = _resolve_targets(cfg.get("feedforward_modules") or [], model_cfg, where) \
-            if cfg.get("feedforward_modules") else ()
-        want_ff = tuple(t for t in targets if t in peft_lib.IA3_FEEDFORWARD)
-        if set(ff) != set(want_ff):
-            raise AdapterFileError(f"{where}: feedforward_modules resolve to {list(ff)}; this library scales the "
-                                   f"input of exactly {list(peft_lib.IA3_FEEDFORWARD)} among the targets "
-                                   f"(expected {list(want_ff)})")
-        default = tuple(p for p in model_cfg.projections if p in peft_lib.IA3_DEFAULT_TARGETS)
-        return peft_lib.PeftConfig(method="ia3", targets=None if targets == default else targets)
+            raise AdapterFileError(f"{where}: {key}={cfg[key]!r} is not supported")
     bias = cfg.get("bias", "none")
     if bias != "none":
         raise AdapterFileError(f"{where}: bias={bias!r} is not supported; allowed: 'none'")
-    try:
-        r = int(cfg["r"])
-        alpha = float(cfg.get("lora_alpha", r))
-    except (KeyError, TypeError, ValueError):
-        raise AdapterFileError(f"{where}: 'r' and 'lora_alpha' must be numbers") from None
-    if cfg.get("use_rslora"):
-        alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); ours by alpha / r
-    default = tuple(model_cfg.projections)
-    return peft_lib.PeftConfig(method="dora" if cfg.get("use_dora") else "lora", rank=r, alpha=alpha,
-                               targets=None if targets == default else targets,
-                               dropout=float(cfg.get("lora_dropout") or 0.0))
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise AdapterFileError(f"{where}: init_lora_weights={init!r}: these adapters apply to base weights that "
+                               "PEFT rewrites at load time; convert them to plain LoRA first (peft's "
+                               "path_initial_model_for_weight_conversion)")
+    return "dora" if cfg.get("use_dora") else "lora"
 
 
-def _read_set(folder: str, model_cfg: ModelConfig) -> Tuple[dict, peft_lib.PeftConfig]:
-    """One PEFT adapter folder -> (adapter set in our layout, its PeftConfig)."""
+@dataclasses.dataclass
+class _PeftSet:
+    """One PEFT folder as stored: how each adapted (projection, layer) is adapted and its tensors (our layout)."""
+
+    where: str  # its adapter_config.json
+    method: str
+    dropout: float
+    modules: Dict[Tuple[str, int], peft_rules.Adapted]
+    # lora_a [in, r], lora_b [r, out], magnitude [out], scale [in or out]
+    tensors: Dict[Tuple[str, int], Dict[str, np.ndarray]]
+    dtype: np.dtype
+
+
+def _layer_shape(leaf: str, name: str, rank: int, feedforward: bool, model_cfg: ModelConfig) -> tuple:
+    """Shape of one layer's PEFT tensor ``leaf`` for projection ``name``."""
+    fi, fo = model_cfg.projection_shape(name)
+    return {"lora_a": (rank, fi), "lora_b": (fo, rank), "magnitude": (fo,),
+            "scale": (1, fi) if feedforward else (fo, 1)}[leaf]
+
+
+def _read_peft_set(folder: str, model_cfg: ModelConfig) -> _PeftSet:
+    """Reads one PEFT adapter folder in any form PEFT writes (see the module docstring)."""
     cfg_path = os.path.join(folder, ADAPTER_CONFIG)
-    peft_cfg = _peft_config_from(_read_json(cfg_path), model_cfg, cfg_path)
+    cfg = _read_json(cfg_path)
+    method = _method_of(cfg, cfg_path)
+    names = {_module_path(model_cfg, p, l): (p, l) for l in range(model_cfg.num_layers) for p in model_cfg.projections}
+    try:
+        adapted = peft_rules.adapted_modules(cfg, list(names), _OTHER_MODULES,
+                                             families.FAMILY_MODEL_TYPE[model_cfg.family])
+    except peft_rules.PeftConfigError as e:
+        raise AdapterFileError(f"{cfg_path}: {e}") from None
+    for name, how in adapted.items():
+        proj = names[name][0]
+        if method == "ia3" and how.feedforward != (proj in peft_lib.IA3_FEEDFORWARD):
+            raise AdapterFileError(
+                f"{cfg_path}: feedforward_modules make IA3 scale the {'input' if how.feedforward else 'output'} of "
+                f"{name!r}; this library scales the input of {list(peft_lib.IA3_FEEDFORWARD)} and the output of "
+                "the other projections")
     weights = os.path.join(folder, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights):
         bins = [n for n in ("adapter_model.bin",) if os.path.isfile(os.path.join(folder, n))]
         hint = f" (found {bins}: pickled weights are never loaded; re-save with safetensors)" if bins else ""
         raise AdapterFileError(f"{weights}: file is missing{hint}")
-    expected = _expected_shapes(model_cfg, peft_cfg)
-    suffixes = _leaf_suffixes(peft_cfg.method)
+    suffixes = _leaf_suffixes(method)
+    modules, tensors, dtype = {}, {}, None
     with safe_open(weights, framework="np") as f:
         stored = set(f.keys())
         used = set()
-        out = {}
-        for name, leaves in expected.items():
-            out[name] = {}
-            for leaf, shape in leaves.items():
-                layers = []
-                for l in range(model_cfg.num_layers):
-                    key = _PEFT_PREFIX + _module_path(model_cfg, name, l) + suffixes[leaf]
-                    if key not in stored:
-                        alt = key.replace(".lora_magnitude_vector", ".lora_magnitude_vector.weight")
-                        if alt in stored:
-                            key = alt
-                        else:
-                            raise AdapterFileError(f"{weights}: tensor {key!r} is missing")
-                    arr = f.get_tensor(key)
-                    want = _peft_shape(leaf, name, shape[1:])
-                    if tuple(arr.shape) != want:
-                        raise AdapterFileError(f"{weights}: tensor {key!r} has shape {tuple(arr.shape)}, expected "
-                                               f"{want} for {name}/{leaf} of this model and adapter config")
-                    used.add(key)
-                    layers.append(arr.T if leaf in ("lora_a", "lora_b") else arr.reshape(-1))
-                out[name][leaf] = jnp.asarray(np.stack(layers))
+        for name, how in adapted.items():
+            proj, layer = names[name]
+            modules[(proj, layer)] = how
+            tensors[(proj, layer)] = {}
+            for leaf, suffix in suffixes.items():
+                key = _PEFT_PREFIX + name + suffix
+                if key not in stored and key + ".weight" in stored:  # older peft: lora_magnitude_vector.weight
+                    key += ".weight"
+                if key not in stored:
+                    raise AdapterFileError(f"{weights}: tensor {key!r} is missing")
+                arr = f.get_tensor(key)
+                want = _layer_shape(leaf, proj, how.rank, how.feedforward, model_cfg)
+                if tuple(arr.shape) != want:
+                    raise AdapterFileError(f"{weights}: tensor {key!r} has shape {tuple(arr.shape)}, expected "
+                                           f"{want} for {proj}/{leaf} of this model and adapter config")
+                used.add(key)
+                dtype = arr.dtype if dtype is None else dtype
+                tensors[(proj, layer)][leaf] = arr.T if leaf in ("lora_a", "lora_b") else arr.reshape(-1)
     unknown = sorted(stored - used)
     if unknown:
-        raise AdapterFileError(f"{weights}: unknown tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
-                               f"(expected only {peft_cfg.method} tensors of {list(expected)} on every layer)")
+        module = unknown[0][len(_PEFT_PREFIX):] if unknown[0].startswith(_PEFT_PREFIX) else unknown[0]
+        module = module.rsplit(".", 2 if module.endswith(".weight") else 1)[0]
+        why = ("is not adapted by adapter_config.json (see its target_modules, layers_to_transform, "
+               "exclude_modules)" if module in names else "is not a projection this library adapts")
+        raise AdapterFileError(f"{weights}: unknown tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: "
+                               f"module {module!r} {why}")
+    return _PeftSet(cfg_path, method, float(cfg.get("lora_dropout") or 0.0), modules, tensors,
+                    np.dtype(np.float32) if dtype is None else dtype)
+
+
+def _stack_sets(sets: List[_PeftSet], model_cfg: ModelConfig, base_params=None) -> Tuple[List[dict],
+                                                                                          peft_lib.PeftConfig]:
+    """Adapter sets in our layout (stacked over layers) sharing one PeftConfig.
+
+    Every set gets every projection any set adapts, in every layer: what a
+    set leaves alone gets an update that changes nothing (zero LoRA A and B,
+    IA3 scale one, DoRA magnitude equal to the base kernel's column norms,
+    taken from ``base_params``). When ranks or scalings differ between
+    modules, A and B are zero-padded to the largest rank and each module's
+    scaling is multiplied into its B, under a runtime scaling of one.
+    """
+    method = sets[0].method
+    for s in sets[1:]:
+        if s.method != method:
+            raise AdapterFileError(f"{s.where}: method {s.method}, but {sets[0].where} is {method}; the sets of "
+                                   "one directory must use one PEFT method")
+    adapted = {p for s in sets for p, _ in s.modules}
+    targets = tuple(p for p in model_cfg.projections if p in adapted)
+    L = model_cfg.num_layers
+    if method == "ia3":
+        default = tuple(p for p in model_cfg.projections if p in peft_lib.IA3_DEFAULT_TARGETS)
+        peft_cfg = peft_lib.PeftConfig(method="ia3", targets=None if targets == default else targets)
+
+        def layer(s, p, l):
+            t = s.tensors.get((p, l))
+            n = model_cfg.projection_shape(p)[0 if p in peft_lib.IA3_FEEDFORWARD else 1]
+            return {"scale": t["scale"] if t else np.ones((n,), s.dtype)}
+    else:
+        shapes = {(m.rank, m.alpha) for s in sets for m in s.modules.values()}
+        rank, alpha = next(iter(shapes))
+        fold = len(shapes) > 1 or alpha <= 0
+        if fold:
+            rank = max(r for r, _ in shapes)
+            alpha = float(rank)  # runtime scaling 1: each module's own scaling lives in its B
+        peft_cfg = peft_lib.PeftConfig(method=method, rank=rank, alpha=alpha, dropout=sets[0].dropout,
+                                       targets=None if targets == tuple(model_cfg.projections) else targets)
+        norms = {}
+
+        def magnitude(s, p, l):
+            # A layer DoRA leaves alone: W * |W| / |W| (the runtime's own norm of W + 0 * B A).
+            if base_params is None:
+                missing = [l2 for l2 in range(L) if (p, l2) not in s.modules]
+                raise AdapterFileError(
+                    f"{s.where}: DoRA leaves {p} unadapted in layers {missing}; their magnitudes are the base "
+                    "weights' column norms: pass base_params (load_with_adapters does)")
+            if p not in norms:
+                kernel = jnp.asarray(base_params["layers"][p]["kernel"]).astype(jnp.float32)  # [L, in, out]
+                norms[p] = np.asarray(jnp.linalg.norm(kernel, axis=1))
+            return norms[p][l].astype(s.dtype)
+
+        def layer(s, p, l):
+            t, m = s.tensors.get((p, l)), s.modules.get((p, l))
+            fi, fo = model_cfg.projection_shape(p)
+            if t is None:
+                out = {"lora_a": np.zeros((fi, rank), s.dtype), "lora_b": np.zeros((rank, fo), s.dtype)}
+                if method == "dora":
+                    out["magnitude"] = magnitude(s, p, l)
+                return out
+            a, b = t["lora_a"], t["lora_b"]
+            if fold:
+                b = (b.astype(np.float64) * m.scaling).astype(b.dtype)
+            if m.rank < rank:
+                a = np.concatenate([a, np.zeros((fi, rank - m.rank), a.dtype)], axis=1)
+                b = np.concatenate([b, np.zeros((rank - m.rank, fo), b.dtype)], axis=0)
+            return dict(t, lora_a=a, lora_b=b)
+
+    out = []
+    for s in sets:
+        per_layer = {p: [layer(s, p, l) for l in range(L)] for p in targets}
+        out.append({p: {leaf: jnp.asarray(np.stack([d[leaf] for d in ds])) for leaf in ds[0]}
+                    for p, ds in per_layer.items()})
     return out, peft_cfg
 
 
@@ -485,19 +589,22 @@ def _read_mixing(path: str, model_cfg: ModelConfig) -> Tuple[dict, Optional[floa
     return mix, theta_init
 
 
-def import_adapters(path: str, model_cfg: ModelConfig) -> Tuple[dict, bitune.MethodConfig]:
+def import_adapters(path: str, model_cfg: ModelConfig, base_params=None) -> Tuple[dict, bitune.MethodConfig]:
     """Reads an exported directory (or a plain PEFT folder) -> ``(trainable, method_cfg)``.
 
     A plain PEFT folder (``adapter_config.json`` at its top) becomes
     ``{"causal": set}`` with variant ``lora``. A Bitune directory without
     ``bitune.json`` is read as ``bitune`` when it has both sets and the mixing
-    file, and as ``lora`` when it has only ``causal/``.
+    file, and as ``lora`` when it has only ``causal/``. Each set folder may
+    use any form PEFT writes (module docstring); ``base_params`` (the base
+    model's parameters) is needed only by DoRA sets that leave some
+    projection of some layer unadapted.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise AdapterFileError(f"{path}: adapter directory is missing")
     if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, BITUNE_JSON)):
-        adapters, peft_cfg = _read_set(path, model_cfg)
+        (adapters,), peft_cfg = _stack_sets([_read_peft_set(path, model_cfg)], model_cfg, base_params)
         return {"causal": adapters}, bitune.MethodConfig(variant="lora", peft=peft_cfg)
 
     present = {name for name, d in SET_DIRS.items() if os.path.isdir(os.path.join(path, d))}
@@ -539,14 +646,9 @@ def import_adapters(path: str, model_cfg: ModelConfig) -> Tuple[dict, bitune.Met
     if has_mixing and not probe.mixed:
         raise AdapterFileError(f"{os.path.join(path, MIXING_FILE)}: variant {variant!r} does not mix")
 
-    trainable, peft_cfg = {}, None
-    for name in probe.adapter_sets:
-        folder = os.path.join(path, SET_DIRS[name])
-        trainable[name], cfg_i = _read_set(folder, model_cfg)
-        if peft_cfg is not None and cfg_i != peft_cfg:
-            raise AdapterFileError(f"{os.path.join(folder, ADAPTER_CONFIG)}: adapter config {cfg_i} differs from "
-                                   f"the causal set's {peft_cfg}; both sets must share one config")
-        peft_cfg = peft_cfg or cfg_i
+    sets, peft_cfg = _stack_sets([_read_peft_set(os.path.join(path, SET_DIRS[name]), model_cfg)
+                                  for name in probe.adapter_sets], model_cfg, base_params)
+    trainable = dict(zip(probe.adapter_sets, sets))
     if probe.mixed:
         trainable["mix"], file_theta_init = _read_mixing(os.path.join(path, MIXING_FILE), model_cfg)
         if theta_init is None:
@@ -555,16 +657,16 @@ def import_adapters(path: str, model_cfg: ModelConfig) -> Tuple[dict, bitune.Met
     return trainable, bitune.MethodConfig(variant=variant, peft=peft_cfg, **kw)
 
 
-def load_adapters_for_scoring(path: str, model_cfg: ModelConfig, variant: Optional[str] = None):
+def load_adapters_for_scoring(path: str, model_cfg: ModelConfig, variant: Optional[str] = None, base_params=None):
     """Adapters to score or generate with: ``(trainable, method_cfg)``.
 
     With ``variant=None`` the variant is what the directory was exported as
     (``bitune.json``); without ``bitune.json`` it is ``bitune`` when both
     sets and the mixing coefficients are present, else ``lora`` (a plain PEFT
     folder). An explicit ``variant`` keeps only the sets it uses and fails
-    clearly when one it needs is absent.
+    clearly when one it needs is absent. ``base_params``: see :func:`import_adapters`.
     """
-    trainable, method = import_adapters(path, model_cfg)
+    trainable, method = import_adapters(path, model_cfg, base_params)
     if variant is None or variant == method.variant:
         return trainable, method
     new = dataclasses.replace(method, variant=variant)
@@ -587,10 +689,15 @@ def load_with_adapters(model_src: str, adapters: Optional[str] = None, variant: 
     from bitune_jax.conversion import assets
     from bitune_jax.conversion import load_model
 
+    # Arguments are checked before the (slow) model load.
+    if variant is not None and variant not in bitune.VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; allowed: {', '.join(bitune.VARIANTS)}")
+    if adapters is None and variant not in (None, "lora"):
+        raise ValueError(f"variant={variant!r} needs adapters (--adapters DIR)")
+    if adapters is not None and not os.path.isdir(adapters):
+        raise AdapterFileError(f"{adapters}: adapter directory is missing")
     model = load_model(assets.resolve_model_source(model_src), dtype=dtype)
     if adapters is None:
-        if variant not in (None, "lora"):
-            raise ValueError(f"variant={variant!r} needs adapters (--adapters DIR)")
         return model, None, None
-    trainable, method = load_adapters_for_scoring(adapters, model.cfg, variant=variant)
+    trainable, method = load_adapters_for_scoring(adapters, model.cfg, variant=variant, base_params=model.params)
     return model, trainable, method

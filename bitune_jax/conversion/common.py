@@ -11,6 +11,10 @@ class ModelFileError(ValueError):
     """A model file or directory is missing, malformed or inconsistent."""
 
 
+# Pickled PyTorch checkpoints: never loaded (unpickling can run code), only named in errors.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
 def _transform(arr: np.ndarray, how: str) -> np.ndarray:
     if how == "transpose":
         return arr.T

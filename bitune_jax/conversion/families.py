@@ -436,4 +436,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type is None:
         raise UnsupportedModelError(f"{source} has no 'model_type'; cannot tell the architecture")
-    return family_for(model_type, source).config_from_hf(hf)
+    family = family_for(model_type, source)
+    try:
+        return family.config_from_hf(hf)
+    except (KeyError, TypeError, ValueError) as e:  # a missing key or a value of the wrong type
+        raise ValueError(f"{source}: not a usable {model_type} config ({type(e).__name__}: {e})") from None

@@ -155,7 +155,13 @@ def _open(path: str):
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # bad magic, truncated file, ...
-        raise ModelFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelFileError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')") from None
+        # gguf's own message for a file cut short is a numpy reshape/view error.
+        raise ModelFileError(f"{path}: truncated or corrupt GGUF file ({os.path.getsize(path)} bytes; its header "
+                             f"or tensor data cannot be read: {type(e).__name__}: {e})") from None
 
 
 def _arch_of(meta: _Meta) -> tuple:

@@ -97,7 +97,8 @@ class DataStats:
     """What encoding did to the rows of one source.
 
     ``kept_rows[i]`` is the row number of example ``i``; ``problems`` holds
-    the first few bad-row messages for the log.
+    the first few bad-row messages for the log; ``longest_prompt`` and
+    ``longest_answer`` are token counts before ``data.overlong`` applies.
     """
 
     source: str = ""
@@ -109,6 +110,8 @@ class DataStats:
     undecodable: int = 0
     overlong_truncated: int = 0
     overlong_dropped: int = 0
+    longest_prompt: int = 0
+    longest_answer: int = 0
     kept_rows: List[int] = dataclasses.field(default_factory=list)
     problems: List[str] = dataclasses.field(default_factory=list)
 
@@ -122,6 +125,29 @@ class DataStats:
                   if getattr(self, k)]
         return f"{self.source}: {self.rows} rows -> {self.examples} examples" + (
             f" ({', '.join(counts)})" if counts else "")
+
+    def counts(self) -> Dict[str, Any]:
+        """The counts as a JSON-ready dict (what ``summary.json`` records), without ``kept_rows``."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "kept_rows"}
+
+    def why_empty(self, data_cfg: DataSection) -> str:
+        """Why no row became an example, for an error message."""
+        if not self.rows:
+            return f"{self.source} has no rows"
+        limits = [f"data.{name}={limit} (longest {what}: {longest} tokens)"
+                  for name, limit, what, longest in (("max_prompt_len", data_cfg.max_prompt_len, "prompt",
+                                                      self.longest_prompt),
+                                                     ("max_answer_len", data_cfg.max_answer_len, "answer",
+                                                      self.longest_answer)) if longest > limit]
+        overlong = (f"exceed {' or '.join(limits)} and data.overlong=drop drops them; raise the limit or set "
+                    "data.overlong=truncate")
+        bad = ", ".join(f"{k}={getattr(self, k)}" for k in BAD_ROW_KINDS if getattr(self, k))
+        bad = f"are bad ({bad}), e.g. {self.problems[0]}" if self.problems else f"are bad ({bad})"
+        if self.overlong_dropped == self.rows:
+            return f"all {self.rows} rows of {self.source} {overlong}"
+        if self.bad_rows == self.rows:
+            return f"all {self.rows} rows of {self.source} {bad}"
+        return f"no row of {self.source} is usable: {self.overlong_dropped} {overlong}; {self.bad_rows} {bad}"
 
 
 class _BadRow(Exception):
@@ -366,6 +392,8 @@ def encode_examples(tokenizer, rows: Sequence[Union[RawRow, Mapping[str, Any]]],
             prompt_ids, answer_ids = text.encode_pair(tokenizer, prompt, answer, add_eos=True)
             if not prompt_ids:
                 raise _BadRow("empty_prompt", "the prompt has no tokens")
+            stats.longest_prompt = max(stats.longest_prompt, len(prompt_ids))
+            stats.longest_answer = max(stats.longest_answer, len(answer_ids))
         except _BadRow as bad:
             message = f"{row.where}: {bad.kind}: {bad}"
             if data_cfg.bad_rows == "error":
@@ -387,10 +415,15 @@ def encode_examples(tokenizer, rows: Sequence[Union[RawRow, Mapping[str, Any]]],
 
 
 def load_examples(tokenizer, source: Union[DataSource, str], data_cfg: DataSection) -> Tuple[List[Example], DataStats]:
-    """Reads and encodes one source; logs the stats (a warning when rows were bad)."""
+    """Reads and encodes one source; logs the stats (a warning when rows were bad).
+
+    Raises :class:`DataError` saying why when no row makes an example.
+    """
     path = source if isinstance(source, str) else source.path
     stats = DataStats(source=path)
     examples = encode_examples(tokenizer, read_rows(source), data_cfg, source=path, stats=stats)
+    if not examples:
+        raise DataError(stats.why_empty(data_cfg))
     log.info("data %s", stats.summary())
     if stats.bad_rows:
         log.warning("skipped %d bad rows of %s, e.g. %s", stats.bad_rows, path, "; ".join(stats.problems))
@@ -537,7 +570,7 @@ def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tu
 
 def batch_dataset(examples: Sequence[Example], data_cfg: DataSection, *, train: bool = True,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
-                  include_ids: bool = False) -> grain.MapDataset:
+                  include_ids: bool = False, source: str = "<examples>") -> grain.MapDataset:
     """This process's batches of ``examples`` as a random-access grain dataset.
 
     Args:
@@ -550,6 +583,7 @@ def batch_dataset(examples: Sequence[Example], data_cfg: DataSection, *, train: 
       process_index, process_count: this process's shard; default
         ``jax.process_index()`` / ``jax.process_count()``.
       include_ids: add ``example_id`` int32 [B_local] (index into ``examples``).
+      source: where the examples came from, for error messages.
 
     Returns:
       A ``grain.MapDataset`` whose element ``i`` is batch ``i``; its length is
@@ -561,7 +595,7 @@ def batch_dataset(examples: Sequence[Example], data_cfg: DataSection, *, train: 
     if B % n:
         raise DataError(f"data.batch_size={B} is not divisible by the {n} processes")
     if len(examples) < B:
-        raise DataError(f"{len(examples)} examples are fewer than one batch (data.batch_size={B})")
+        raise DataError(f"{source}: {len(examples)} examples are fewer than one batch (data.batch_size={B})")
     lengths = np.asarray([(len(e[0]), len(e[1])) for e in examples], np.int64)  # [N, 2]
     stream = grain.MapDataset.range(len(examples))
     if train:
@@ -583,12 +617,25 @@ def make_iterator(dataset: grain.MapDataset, num_threads: int = 2, prefetch: int
 
 
 def train_iterator(tokenizer, data_cfg: DataSection, *, process_index: Optional[int] = None,
-                   process_count: Optional[int] = None) -> Tuple[grain.DatasetIterator, DataStats]:
-    """Reads ``data.train`` and returns (resumable batch iterator, stats)."""
+                   process_count: Optional[int] = None, batches: Optional[int] = None,
+                   ) -> Tuple[grain.DatasetIterator, DataStats]:
+    """Reads ``data.train`` and returns (resumable batch iterator, stats).
+
+    ``batches``: how many batches the caller will draw (``train.steps *
+    optim.grad_accum``); with ``data.num_epochs`` set, more than the epochs
+    hold raises :class:`DataError` here, before any training.
+    """
     if data_cfg.train is None:
         raise DataError("data.train is not set")
     examples, stats = load_examples(tokenizer, data_cfg.train, data_cfg)
-    ds = batch_dataset(examples, data_cfg, train=True, process_index=process_index, process_count=process_count)
+    ds = batch_dataset(examples, data_cfg, train=True, process_index=process_index, process_count=process_count,
+                       source=stats.summary())
+    if batches is not None and data_cfg.num_epochs is not None and batches > len(ds):
+        raise DataError(
+            f"data.num_epochs={data_cfg.num_epochs}: {stats.source} gives {len(examples)} examples, "
+            f"{len(examples) // data_cfg.batch_size} batches of data.batch_size={data_cfg.batch_size} per epoch, "
+            f"{len(ds)} in all, but the run needs {batches} (train.steps x optim.grad_accum); raise "
+            "data.num_epochs, lower train.steps, or set data.num_epochs=null to repeat the data")
     return make_iterator(ds), stats
 
 
@@ -602,5 +649,6 @@ def eval_dataset(tokenizer, data_cfg: DataSection, *, process_index: Optional[in
     if data_cfg.eval is None:
         raise DataError("data.eval is not set")
     examples, stats = load_examples(tokenizer, data_cfg.eval, data_cfg)
-    ds = batch_dataset(examples, data_cfg, train=False, process_index=process_index, process_count=process_count)
+    ds = batch_dataset(examples, data_cfg, train=False, process_index=process_index, process_count=process_count,
+                       source=stats.summary())
     return ds, stats

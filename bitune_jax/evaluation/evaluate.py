@@ -57,7 +57,7 @@ import numpy as np
 
 from bitune_jax import bitune
 from bitune_jax.conversion.adapters import load_with_adapters
-from bitune_jax.fileio import write_text_atomic
+from bitune_jax.fileio import check_writable, write_text_atomic
 from bitune_jax.data import tasks as task_lib
 from bitune_jax.data.pipeline import round_up
 from bitune_jax.evaluation.stats import mean_stderr
@@ -69,9 +69,9 @@ GSM8K_STOP = ("Question:", "</s>", "<|im_end|>", "<|end_of_text|>")  # the autho
 
 
 # --------------------------------------------------------------------------- scoring
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "attn_impl"))
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "attention"))
 def _shared_prefix_scores(trainable, base, prompt_ids, prompt_len, cont_ids, cont_len, *, cfg: ModelConfig,
-                          method: bitune.MethodConfig, attn_impl: str = "reference"):
+                          method: bitune.MethodConfig, attention: str = "auto"):
     """Sum of continuation log-probs ``[Q, C]`` and greedy flags ``[Q, C]``.
 
     prompt_ids ``[Q, P]``/prompt_len ``[Q]``: right-padded contexts;
@@ -79,7 +79,7 @@ def _shared_prefix_scores(trainable, base, prompt_ids, prompt_len, cont_ids, con
     (``cont_len`` 0 for padding choices, which score 0).
     """
     q, c, a = cont_ids.shape
-    prefix = bitune.prefill(trainable, base, cfg, method, prompt_ids, prompt_len, attn_impl=attn_impl)
+    prefix = bitune.prefill(trainable, base, cfg, method, prompt_ids, prompt_len, attention=attention)
     rep = lambda x, axis: jnp.repeat(x, c, axis=axis)  # noqa: E731  question-major: row q * C + j
     kv = T.KV(rep(prefix.kv.k, 1), rep(prefix.kv.v, 1))  # [layers, Q*C, S, kv_heads, hd]
     first = jnp.broadcast_to(prefix.last_token[:, None, None], (q, c, 1)).astype(jnp.int32)
@@ -89,7 +89,7 @@ def _shared_prefix_scores(trainable, base, prompt_ids, prompt_len, cont_ids, con
     valid = (jnp.arange(a)[None, None] < cont_len[..., None]).reshape(q * c, a)
     logits, _ = T.forward(base, cfg, tokens, positions=positions, valid=valid, prefix_kv=kv,
                           prefix_positions=rep(prefix.positions, 0), prefix_valid=rep(prefix.valid, 0),
-                          adapters=trainable["causal"], peft_cfg=method.peft, attn_impl=attn_impl)
+                          adapters=trainable["causal"], peft_cfg=method.peft, attention=attention)
     targets = cont_ids.reshape(q * c, a)
     logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
     ll = jnp.where(valid, logp, 0.0).sum(-1).reshape(q, c)
@@ -100,7 +100,7 @@ def _shared_prefix_scores(trainable, base, prompt_ids, prompt_len, cont_ids, con
 def score_choices(base, cfg: ModelConfig, contexts: Sequence[Sequence[int]],
                   continuations: Sequence[Sequence[Sequence[int]]], trainable=None,
                   method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8, bucket: int = 32,
-                  cont_bucket: int = 8, attn_impl: str = "reference", progress: bool = False
+                  cont_bucket: int = 8, attention: str = "auto", progress: bool = False
                   ) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Shared-prefix log-likelihoods of several continuations per context.
 
@@ -115,6 +115,8 @@ def score_choices(base, cfg: ModelConfig, contexts: Sequence[Sequence[int]],
     Returns:
       Per question ``(ll [C] float64, is_greedy [C] bool)``.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
     trainable, method = bitune.with_base_default(trainable, method)
     n = len(contexts)
     for i in range(n):
@@ -143,7 +145,7 @@ def score_choices(base, cfg: ModelConfig, contexts: Sequence[Sequence[int]],
                 cont[r, j, :len(x)] = x
                 clen[r, j] = len(x)
         ll, greedy = _shared_prefix_scores(trainable, base, prompt, plen, cont, clen, cfg=cfg, method=method,
-                                           attn_impl=attn_impl)
+                                           attention=attention)
         ll, greedy = np.asarray(ll, np.float64), np.asarray(greedy)
         for r, i in enumerate(idx):
             k = len(continuations[i])
@@ -153,7 +155,7 @@ def score_choices(base, cfg: ModelConfig, contexts: Sequence[Sequence[int]],
 
 def score_choices_naive(base, cfg: ModelConfig, contexts, continuations, trainable=None,
                         method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8, bucket: int = 32,
-                        progress: bool = False) -> List[np.ndarray]:
+                        progress: bool = False, attention: str = "auto") -> List[np.ndarray]:
     """The same log-likelihoods, one full Bitune forward (:func:`bitune.answer_nll`) per (context, choice).
 
     Used to test :func:`score_choices` and to measure what the shared prefix saves.
@@ -162,7 +164,7 @@ def score_choices_naive(base, cfg: ModelConfig, contexts, continuations, trainab
 
     pairs = [(list(ctx), list(x)) for ctx, conts in zip(contexts, continuations) for x in conts]
     scores = score_examples(base, cfg, pairs, trainable, method, batch_size=batch_size, bucket=bucket,
-                            progress=progress)
+                            progress=progress, attention=attention)
     out, k = [], 0
     for conts in continuations:
         out.append(np.array([-scores[k + j][0] for j in range(len(conts))], np.float64))
@@ -198,22 +200,22 @@ def mc_metrics(items: Sequence[task_lib.MCItem], lls: Sequence[np.ndarray]) -> T
 
 def evaluate_mc(base, cfg: ModelConfig, tokenizer, items: Sequence[task_lib.MCItem], trainable=None,
                 method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8, naive: bool = False,
-                progress: bool = False) -> Tuple[Dict, List[Dict]]:
+                progress: bool = False, attention: str = "auto") -> Tuple[Dict, List[Dict]]:
     """Scores multiple-choice items; returns ``(metrics, per_item_rows)``."""
     contexts, continuations = encode_mc(tokenizer, items)
     if naive:
         lls = score_choices_naive(base, cfg, contexts, continuations, trainable, method, batch_size=batch_size,
-                                  progress=progress)
+                                  progress=progress, attention=attention)
     else:
         lls = [ll for ll, _ in score_choices(base, cfg, contexts, continuations, trainable, method,
-                                             batch_size=batch_size, progress=progress)]
+                                             batch_size=batch_size, progress=progress, attention=attention)]
     return mc_metrics(items, lls)
 
 
 def evaluate_generation(base, cfg: ModelConfig, tokenizer, items: Sequence[task_lib.GenItem], trainable=None,
                         method: Optional[bitune.MethodConfig] = None, *, batch_size: int = 8,
                         max_new_tokens: int = 256, stop: Sequence[str] = GSM8K_STOP,
-                        progress: bool = False) -> Tuple[Dict, List[Dict]]:
+                        progress: bool = False, attention: str = "auto") -> Tuple[Dict, List[Dict]]:
     """GSM8K-style exact match of the final number (greedy); ``(metrics, per_item_rows)``.
 
     ``exact_match`` uses the flexible extraction (``#### N`` if present, else
@@ -222,7 +224,8 @@ def evaluate_generation(base, cfg: ModelConfig, tokenizer, items: Sequence[task_
     from bitune_jax.evaluation.generate import generate
 
     gens = generate(base, cfg, tokenizer, [it.prompt for it in items], trainable, method,
-                    max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, progress=progress)
+                    max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, progress=progress,
+                    attention=attention)
     rows, flex, strict = [], [], []
     for it, g in zip(items, gens):
         pf, ps = task_lib.extract_answer(g.text), task_lib.extract_answer(g.text, strict=True)
@@ -251,47 +254,88 @@ def run_eval(model_src: str, adapters: Optional[str] = None, variant: Optional[s
              tasks: Sequence[str] = ("piqa", "arc_easy", "arc_challenge", "csqa", "siqa", "mmlu"),
              limit: Optional[int] = None, out: Optional[str] = None, per_item: bool = False, batch_size: int = 8,
              dtype: str = "float32", source: Optional[Dict[str, str]] = None, max_new_tokens: int = 256,
-             naive: bool = False, quiet: bool = False) -> Dict:
+             naive: bool = False, quiet: bool = False, attention: str = "auto",
+             items: Optional[Tuple[int, Optional[int]]] = None) -> Dict:
     """Evaluates a model (plus adapters) on tasks; the library side of ``bitune-jax eval``.
+
+    Every task's data is read and its items selected before the model loads,
+    so a bad file, task name or range fails in seconds.
 
     Args:
       model_src: HF directory, ``.gguf`` file or a packaged model name.
       adapters, variant: adapter folder and variant (see ``bitune_jax.conversion.adapters``).
       tasks: task names (:data:`bitune_jax.data.tasks.TASKS`, ``mmlu:<subjects>``).
-      limit: first ``limit`` items per task.
-      out: results JSON path (written atomically).
-      per_item: include every item's prediction and log-likelihoods.
-      source: optional ``{task: data path}`` overrides.
+      limit: first ``limit`` items per task (>= 1; fewer when a task has fewer).
+      items: ``(start, stop)``: items ``start`` .. ``stop - 1`` of every task
+        (0-based; ``stop`` None: to the end); a task without item ``start``,
+        or with fewer than ``stop`` items, is an error. Not with ``limit``.
+      out: results JSON path (written atomically; its folder is checked first).
+      per_item: include every item's prediction and log-likelihoods; each row's
+        ``index`` is the item's position in the task.
+      source: ``{task: data path}``: read these tasks from local files (see
+        :mod:`bitune_jax.data.tasks` for the formats) instead of the packaged
+        data; every key must be one of ``tasks``.
       naive: score every choice with a full forward (slower; for checking).
+      attention: the attention implementation (``bitune_jax.model.attention``).
 
     Returns:
-      ``{"model", "adapters", "variant", "limit", "tasks": {name: metrics},
-      "seconds": {name: s}, "items"?: {name: rows}}``.
+      ``{"model", "adapters", "variant", "limit", "item_range", "sources",
+      "tasks": {name: metrics}, "seconds": {name: s}, "items"?: {name: rows}}``.
     """
     names = list(tasks)
-    for name in names:
-        task_lib.canonical_name(name)  # fail on a bad name before loading anything
+    canonical = [task_lib.canonical_name(name) for name in names]  # a bad name fails here
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if items is not None and limit is not None:
+        raise ValueError(f"give limit ({limit}) or items ({items}), not both")
+    start, stop = (0, None) if items is None else items
+    if start < 0 or (stop is not None and stop <= start):
+        raise ValueError(f"items=({start}, {stop}): need 0 <= start < stop")
+    sources = {}
+    for key, path in (source or {}).items():
+        key_name = task_lib.canonical_name(key)
+        if key_name not in canonical and key_name not in (c.split(":")[0] for c in canonical):
+            raise ValueError(f"source {key!r} ({path}): {key!r} is not one of the tasks evaluated "
+                             f"({', '.join(names)})")
+        sources[key_name] = path
+    if out:
+        check_writable(out)
+    selected = {}
+    for name, full in zip(names, canonical):
+        path = sources.get(full, sources.get(full.split(":")[0]))
+        task_items = task_lib.load_task(name, limit=limit, source=path)
+        if items is not None:
+            end = len(task_items) if stop is None else stop
+            if start >= len(task_items) or end > len(task_items):
+                raise ValueError(f"task {name!r} ({path or 'packaged data'}) has {len(task_items)} items; "
+                                 f"items {start}:{'' if stop is None else stop} asks for items {start} to {end - 1}")
+            task_items = task_items[start:end]
+        selected[name] = task_items
+
     model, trainable, method = load_with_adapters(model_src, adapters, variant, dtype)
     results: Dict = {"model": model_src, "adapters": adapters, "variant": method.variant if method else None,
-                     "limit": limit, "tasks": {}, "seconds": {}}
+                     "limit": limit, "item_range": None if items is None else [start, stop],
+                     "sources": {name: sources[full] for name, full in zip(names, canonical) if full in sources},
+                     "tasks": {}, "seconds": {}}
     if per_item:
         results["items"] = {}
     for name in names:
         t0 = time.perf_counter()
-        items = task_lib.load_task(name, limit=limit, source=(source or {}).get(name))
+        task_items = selected[name]
         if not quiet:
-            print(f"{name}: {len(items)} items", flush=True)
+            print(f"{name}: {len(task_items)} items", flush=True)
         if task_lib.is_generative(name):
-            metrics, rows = evaluate_generation(model.params, model.cfg, model.tokenizer, items, trainable, method,
-                                                batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                progress=not quiet)
+            metrics, rows = evaluate_generation(model.params, model.cfg, model.tokenizer, task_items, trainable,
+                                                method, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                progress=not quiet, attention=attention)
         else:
-            metrics, rows = evaluate_mc(model.params, model.cfg, model.tokenizer, items, trainable, method,
-                                        batch_size=batch_size, naive=naive, progress=not quiet)
+            metrics, rows = evaluate_mc(model.params, model.cfg, model.tokenizer, task_items, trainable, method,
+                                        batch_size=batch_size, naive=naive, progress=not quiet,
+                                        attention=attention)
         results["tasks"][name] = metrics
         results["seconds"][name] = round(time.perf_counter() - t0, 2)
         if per_item:
-            results["items"][name] = rows
+            results["items"][name] = [{"index": start + k, **row} for k, row in enumerate(rows)]
         if out:
             write_text_atomic(out, json.dumps(results, indent=1))
     if not quiet:

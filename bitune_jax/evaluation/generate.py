@@ -107,9 +107,9 @@ class DecodeState(NamedTuple):
 
 
 # --------------------------------------------------------------------------- prefill and cache
-@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new", "attn_impl"))
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "max_new", "attention"))
 def start(trainable, base, prompt_ids, prompt_len, keys, *, cfg: ModelConfig, method: bitune.MethodConfig,
-          max_new: int, attn_impl: str = "reference") -> DecodeState:
+          max_new: int, attention: str = "auto") -> DecodeState:
     """Prefills a right-padded batch and lays the prefix into a fixed-size decode cache.
 
     Args:
@@ -117,7 +117,7 @@ def start(trainable, base, prompt_ids, prompt_len, keys, *, cfg: ModelConfig, me
       keys: ``[B, 2]`` per-example PRNG keys (unused when greedy).
       max_new: decode steps the cache has room for.
     """
-    prefix = bitune.prefill(trainable, base, cfg, method, prompt_ids, prompt_len, attn_impl=attn_impl)
+    prefix = bitune.prefill(trainable, base, cfg, method, prompt_ids, prompt_len, attention=attention)
     layers, b, s, kvh, hd = prefix.kv.k.shape
     pad = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
     k = jnp.pad(prefix.kv.k, pad)
@@ -131,7 +131,7 @@ def start(trainable, base, prompt_ids, prompt_len, keys, *, cfg: ModelConfig, me
 
 
 def decode_step(base, cfg: ModelConfig, adapters, peft_cfg, k, v, cache_pos, cache_valid, token, slot,
-                attn_impl: str = "reference"):
+                attention: str = "auto"):
     """Feeds one token per example and returns ``(logits [B, V] float32, k, v, cache_valid)``.
 
     ``token`` ``[B]`` sits at position ``cache_pos[:, slot]`` (``slot`` a
@@ -152,7 +152,7 @@ def decode_step(base, cfg: ModelConfig, adapters, peft_cfg, k, v, cache_pos, cac
         k_l = jax.lax.dynamic_index_in_dim(k, idx, 0, keepdims=False)  # [B, T, kv_heads, hd]
         v_l = jax.lax.dynamic_index_in_dim(v, idx, 0, keepdims=False)
         (x,), (k_new,), (v_new,) = T.apply_block(lp, cfg, [x], [q_pos], [mask], [ad], is_local=is_local,
-                                                 prefix=[(k_l, v_l)], peft_cfg=peft_cfg, attention=attn_impl)
+                                                 prefix=[(k_l, v_l)], peft_cfg=peft_cfg, attention=attention)
         zero = jnp.zeros((), jnp.int32)
         k = jax.lax.dynamic_update_slice(k, k_new[None].astype(k.dtype), (idx, zero, slot, zero, zero))
         v = jax.lax.dynamic_update_slice(v, v_new[None].astype(v.dtype), (idx, zero, slot, zero, zero))
@@ -185,10 +185,10 @@ def sample_token(logits, keys, step, sampling: Sampling):
     return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "peft_cfg", "sampling", "n_steps", "eos_ids", "attn_impl"),
+@functools.partial(jax.jit, static_argnames=("cfg", "peft_cfg", "sampling", "n_steps", "eos_ids", "attention"),
                    donate_argnames=("state",))
 def decode(base, adapters, state: DecodeState, *, cfg: ModelConfig, peft_cfg, sampling: Sampling, n_steps: int,
-           eos_ids: tuple = (), attn_impl: str = "reference") -> DecodeState:
+           eos_ids: tuple = (), attention: str = "auto") -> DecodeState:
     """Runs up to ``n_steps`` decode steps (fewer when the cache is full or every example is done)."""
     max_new = state.out.shape[1]
     s = state.cache_pos.shape[1] - max_new
@@ -200,7 +200,7 @@ def decode(base, adapters, state: DecodeState, *, cfg: ModelConfig, peft_cfg, sa
 
     def body(st):
         logits, k, v, cache_valid = decode_step(base, cfg, adapters, peft_cfg, st.k, st.v, st.cache_pos,
-                                                st.cache_valid, st.token, s + st.step, attn_impl)
+                                                st.cache_valid, st.token, s + st.step, attention)
         tok = sample_token(logits, st.keys, st.step, sampling)
         out = jax.lax.dynamic_update_slice_in_dim(st.out, jnp.where(st.done, -1, tok)[:, None], st.step, axis=1)
         done = st.done | jnp.any(tok[:, None] == eos[None], axis=-1)
@@ -248,7 +248,7 @@ def generate(base, cfg: ModelConfig, tokenizer, prompts: Sequence[Union[str, Seq
              method: Optional[bitune.MethodConfig] = None, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Optional[Sequence[str]] = None,
              eos_token_ids: Optional[Sequence[int]] = None, batch_size: int = 8, chunk_size: int = 32,
-             bucket: int = 32, attn_impl: str = "reference", progress: bool = False) -> List[Generation]:
+             bucket: int = 32, attention: str = "auto", progress: bool = False) -> List[Generation]:
     """Generates a continuation for each prompt.
 
     Args:
@@ -305,13 +305,13 @@ def generate(base, cfg: ModelConfig, tokenizer, prompts: Sequence[Union[str, Seq
             plen[j] = len(ids[i])
         keys = jnp.stack([jax.random.fold_in(root, i) for i in idx] + [root] * (b - len(idx)))
         state = start(trainable, base, jnp.asarray(prompt), jnp.asarray(plen), keys, cfg=cfg, method=method,
-                      max_new=max_new_tokens, attn_impl=attn_impl)
+                      max_new=max_new_tokens, attention=attention)
         done_host = np.arange(b) >= len(idx)  # batch padding never runs its own stop checks
         state = state._replace(done=jnp.asarray(done_host))
         stopped = {}
         while True:
             state = decode(base, adapters, state, cfg=cfg, peft_cfg=method.peft, sampling=sampling,
-                           n_steps=n_steps, eos_ids=eos_ids, attn_impl=attn_impl)
+                           n_steps=n_steps, eos_ids=eos_ids, attention=attention)
             step, done = int(state.step), np.array(state.done)
             if stop:
                 out = np.asarray(state.out)
@@ -355,8 +355,10 @@ def run_generate(model_src: str, prompts: Sequence[str], adapters: Optional[str]
     JSONL to ``out`` (atomically) when given.
     """
     from bitune_jax.conversion.adapters import load_with_adapters
-    from bitune_jax.fileio import write_jsonl_atomic
+    from bitune_jax.fileio import check_writable, write_jsonl_atomic
 
+    if out:
+        check_writable(out)  # before the model loads
     model, trainable, method = load_with_adapters(model_src, adapters, variant, dtype)
     gens = generate(model.params, model.cfg, model.tokenizer, list(prompts), trainable, method, **gen_kwargs)
     rows = [{"prompt": p, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}

@@ -48,7 +48,8 @@ class _BituneLMImpl:
 
     def __init__(self, model: Optional[str] = None, adapters: Optional[str] = None, variant: Optional[str] = None,
                  dtype: str = "float32", batch_size: int = 8, max_length: Optional[int] = None,
-                 max_gen_toks: int = 256, *, loaded=None, trainable=None, method=None, **_ignored):
+                 max_gen_toks: int = 256, attention: str = "auto", *, loaded=None, trainable=None, method=None,
+                 **_ignored):
         """Either ``model`` (path or packaged name, plus ``adapters``/``variant``) or ``loaded``
         (a :class:`bitune_jax.conversion.LoadedModel`) with ``trainable``/``method``."""
         super().__init__()
@@ -63,6 +64,7 @@ class _BituneLMImpl:
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or min(loaded.cfg.max_position_embeddings, 2048))
         self.max_gen_toks = int(max_gen_toks)
+        self.attention = attention
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -89,7 +91,7 @@ class _BituneLMImpl:
         keys = list(groups)
         scores = score_choices(self.model.params, self.model.cfg, [list(k) for k in keys],
                                [[pairs[i][1] for i in groups[k]] for k in keys], self.trainable, self.method,
-                               batch_size=self.batch_size)
+                               batch_size=self.batch_size, attention=self.attention)
         for k, (ll, greedy) in zip(keys, scores):
             for j, i in enumerate(groups[k]):
                 out[i] = (float(ll[j]), bool(greedy[j]))
@@ -134,7 +136,8 @@ class _BituneLMImpl:
         out = [""] * len(requests)
         for key, idx in groups.items():
             gens = generate(self.model.params, self.model.cfg, self.tokenizer, [requests[i].args[0] for i in idx],
-                            self.trainable, self.method, batch_size=self.batch_size, **kwargs_of[key])
+                            self.trainable, self.method, batch_size=self.batch_size, attention=self.attention,
+                            **kwargs_of[key])
             for i, g in zip(idx, gens):
                 out[i] = g.text
         return out

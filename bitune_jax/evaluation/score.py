@@ -50,6 +50,8 @@ def read_jsonl(path: str) -> List[dict]:
         if raw.fields is None:
             raise DataError(f"{raw.where}: {raw.problem}")
         rows.append(dict(raw.fields))
+    if not rows:
+        raise DataError(f"{path}: the file holds no rows")
     return rows
 
 
@@ -83,14 +85,19 @@ def encode_rows(rows: List[dict], tokenizer, vocab_size: int, *, add_eos: bool =
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "method"))
-def _nll(trainable, base, batch, cfg, method):
-    return bitune.answer_nll(trainable, base, cfg, method, batch)
+@functools.partial(jax.jit, static_argnames=("cfg", "method", "attention"))
+def _nll(trainable, base, batch, cfg, method, attention):
+    return bitune.answer_nll(trainable, base, cfg, method, batch, attention=attention)
 
 
 def score_examples(base, cfg, examples, trainable=None, method: Optional[bitune.MethodConfig] = None,
-                   batch_size: int = 8, bucket: int = 32, progress: bool = False):
-    """``[(nll_sum, num_tokens)]`` for (prompt_ids, answer_ids) pairs, in input order."""
+                   batch_size: int = 8, bucket: int = 32, progress: bool = False, attention: str = "auto"):
+    """``[(nll_sum, num_tokens)]`` for (prompt_ids, answer_ids) pairs, in input order.
+
+    ``attention``: the attention implementation (``bitune_jax.model.attention``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
     trainable, method = bitune.with_base_default(trainable, method)
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), len(examples[i][1])))
     results = [None] * len(examples)
@@ -104,7 +111,7 @@ def score_examples(base, cfg, examples, trainable=None, method: Optional[bitune.
         # batch has the same size and shapes only change with the length bucket.
         chunk = [examples[i] for i in idx]
         batch = data_lib.collate(chunk + [chunk[0]] * (batch_size - len(chunk)), bucket)
-        nll, n = _nll(trainable, base, jax.tree_util.tree_map(jnp.asarray, batch), cfg, method)
+        nll, n = _nll(trainable, base, jax.tree_util.tree_map(jnp.asarray, batch), cfg, method, attention)
         nll, n = np.asarray(nll), np.asarray(n)
         for j, i in enumerate(idx):
             results[i] = (float(nll[j]), int(n[j]))
@@ -112,9 +119,9 @@ def score_examples(base, cfg, examples, trainable=None, method: Optional[bitune.
 
 
 def score_rows(model, rows: List[dict], *, trainable=None, method=None, add_eos: bool = True, batch_size: int = 8,
-               source: str = "<rows>", progress: bool = False) -> List[dict]:
+               source: str = "<rows>", progress: bool = False, attention: str = "auto") -> List[dict]:
     """Scores rows with a :class:`bitune_jax.conversion.LoadedModel`; returns rows with ``nll_sum``/``num_tokens``."""
     examples = encode_rows(rows, model.tokenizer, model.cfg.vocab_size, add_eos=add_eos, source=source)
     scores = score_examples(model.params, model.cfg, examples, trainable, method, batch_size=batch_size,
-                            progress=progress)
+                            progress=progress, attention=attention)
     return [{**row, "nll_sum": s, "num_tokens": n} for row, (s, n) in zip(rows, scores)]

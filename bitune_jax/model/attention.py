@@ -1,11 +1,21 @@
 """Attention kernels and masks.
 
-``dot_product_attention`` is the dense masked reference: it runs on every
-backend and defines the numerics (scores and softmax in float32).
-``impl="fast"`` calls ``jax.nn.dot_product_attention``, which picks cuDNN's
-fused flash attention on GPUs where it applies and XLA elsewhere;
-``impl="cudnn"`` insists on cuDNN. Tests compare "fast" with the reference on
-every backend they run on.
+Implementations (the ``model.attention`` config key and the ``--attention``
+flag of every command select one; :data:`IMPLEMENTATIONS`):
+
+* ``reference``: dense masked attention; runs on every backend and defines
+  the numerics (scores and softmax in float32);
+* ``blocked``: :func:`blocked_attention`, an online softmax over key blocks
+  whose backward pass recomputes the probabilities, so no ``[q, k]`` score or
+  probability tensor is saved for the backward pass (pure JAX, any backend);
+* ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``,
+  cuDNN's fused flash attention (GPU only);
+* ``auto``: cuDNN on GPUs where it applies, ``xla`` on TPUs, the reference on
+  CPUs (:func:`resolve`).
+
+Tests compare every implementation that runs on the test machine with the
+reference.
 
 An attention mask is described by :class:`Mask`: per-token positions and
 validity of the queries and keys plus a static ``causal`` flag. The dense
@@ -86,6 +96,35 @@ class Mask:
         return make_mask(self.q_pos, self.k_pos, self.q_valid, self.k_valid, causal=self.causal, window=window)
 
 
+IMPLEMENTATIONS = ("reference", "blocked", "xla", "cudnn", "auto")
+
+
+def resolve(impl: str, *, softcap: Optional[float] = None, backend: Optional[str] = None) -> str:
+    """The implementation ``impl`` stands for on ``backend`` (default: JAX's), checked.
+
+    ``auto`` becomes ``cudnn`` on GPUs (the reference when logits are
+    softcapped, which cuDNN cannot do), ``xla`` on TPUs (the reference with
+    softcapping) and ``reference`` elsewhere. An implementation that cannot
+    serve the case raises ``ValueError`` naming it and what to use instead.
+
+    >>> resolve("auto", backend="cpu"), resolve("auto", backend="gpu"), resolve("auto", softcap=50.0, backend="gpu")
+    ('reference', 'cudnn', 'reference')
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={impl!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
+    backend = backend or jax.default_backend()
+    if impl == "auto":
+        if softcap is not None:
+            return "reference"
+        return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "xla"}.get(backend, "reference")
+    if impl in ("xla", "cudnn") and softcap is not None:
+        raise ValueError(f"attention={impl!r} cannot apply attention logit softcapping (this model has "
+                         f"attn_logit_softcap={softcap}); use 'reference', 'blocked' or 'auto'")
+    if impl == "cudnn" and backend not in ("gpu", "cuda"):
+        raise ValueError(f"attention='cudnn' needs a GPU (this run's backend is {backend!r}); use 'auto'")
+    return impl
+
+
 def dot_product_attention(q, k, v, mask, *, scale: float, softcap: Optional[float] = None, impl: str = "reference"):
     """Grouped-query attention.
 
@@ -95,24 +134,21 @@ def dot_product_attention(q, k, v, mask, *, scale: float, softcap: Optional[floa
       mask: boolean ``[batch, q_len, k_len]``.
       scale: multiplier of the scores.
       softcap: optional ``c * tanh(s / c)`` logit cap (Gemma).
-      impl: "reference" (dense, everywhere), "fast" (``jax.nn.dot_product_attention``,
-        best available kernel) or "cudnn" (GPU only). The fused kernels do not
-        support logit softcapping.
+      impl: "reference" (dense, everywhere), "xla" or "cudnn"
+        (``jax.nn.dot_product_attention``; neither supports logit softcapping).
 
     Returns:
       ``[batch, q_len, heads, head_dim]`` in q's dtype.
     """
     b, tq, h, d = q.shape
     kvh = k.shape[2]
-    if impl in ("fast", "cudnn"):
-        if softcap is not None:
-            raise ValueError(f"attention impl={impl!r} does not support logit softcapping; use 'reference'")
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
-                                           implementation="cudnn" if impl == "cudnn" else None)
+    if impl in ("xla", "cudnn"):
+        resolve(impl, softcap=softcap)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=impl)
         # Rows with no visible key (padding) are zero, as in the reference.
         return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
     if impl != "reference":
-        raise ValueError(f"attention impl={impl!r}; allowed: 'reference', 'fast', 'cudnn'")
+        raise ValueError(f"attention={impl!r} is not a dense-mask implementation; allowed here: reference, xla, cudnn")
     g = h // kvh
     qg = q.reshape(b, tq, kvh, g, d)
     # [batch, kv_heads, group, q_len, k_len]

@@ -256,7 +256,7 @@ class DecoderBlock(nn.Module):
 
     cfg: ModelConfig
     peft_cfg: Optional[PeftConfig] = None
-    attention: str = "reference"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, xs, positions, masks, adapters, *, is_local=False, prefix=None, dropout_rngs=None):
@@ -370,6 +370,7 @@ _NO_WINDOW = 2 ** 30
 
 def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
     """Attention of every stream; streams of equal shapes run as one call over a stacked batch."""
+    impl = attn_lib.resolve(impl, softcap=cfg.attn_logit_softcap)
     groups = {}
     for i, (q, k) in enumerate(zip(qs, ks)):
         groups.setdefault((q.shape[1:], k.shape[1:]), []).append(i)
@@ -400,7 +401,7 @@ def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
 
 
 def apply_block(layer_params, cfg: ModelConfig, xs, positions, masks, adapters, *, is_local=False, prefix=None,
-                peft_cfg: Optional[PeftConfig] = None, attention: str = "reference", dropout_rngs=None):
+                peft_cfg: Optional[PeftConfig] = None, attention: str = "auto", dropout_rngs=None):
     """Applies :class:`DecoderBlock` with one layer's parameters; see its docstring for the arguments."""
     return DecoderBlock(cfg, peft_cfg, attention).apply({"params": layer_params}, xs, positions, masks, adapters,
                                                          is_local=is_local, prefix=prefix, dropout_rngs=dropout_rngs)
@@ -410,7 +411,7 @@ def apply_block(layer_params, cfg: ModelConfig, xs, positions, masks, adapters, 
 def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, causal: bool = True,
             prefix_kv: Optional[KV] = None, prefix_positions=None, prefix_valid=None,
             adapters=None, peft_cfg=None, return_kv: bool = False, compute_logits: bool = True,
-            remat: str = "none", attn_impl: str = "reference"):
+            remat: str = "none", attention: str = "auto"):
     """Runs the model over one stream of tokens.
 
     Args:
@@ -448,7 +449,7 @@ def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, cau
         lp, ad, is_local, pkv = layer
         (x,), (k,), (v,) = apply_block(lp, cfg, [x], [positions], [mask], [ad], is_local=is_local,
                                        prefix=None if pkv is None else [pkv], peft_cfg=peft_cfg,
-                                       attention=attn_impl)
+                                       attention=attention)
         return x, ((k, v) if return_kv else None)
 
     pkv = (prefix_kv.k, prefix_kv.v) if prefix_kv is not None else None
@@ -464,7 +465,8 @@ def _init_block(rng, cfg: ModelConfig):
     x = jnp.zeros((1, 1, cfg.hidden_size), compute_dtype(cfg))
     pos = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1, 1), bool)
-    return DecoderBlock(cfg).init(rng, [x], [pos], [mask], [None])["params"]
+    # Only shapes are traced here; the dense reference serves any backend.
+    return DecoderBlock(cfg, attention="reference").init(rng, [x], [pos], [mask], [None])["params"]
 
 
 def _outer_axes(cfg: ModelConfig):

@@ -4,9 +4,10 @@
 dict; ``bitune-jax train CONFIG.yaml [key=value ...]`` does the same from the
 shell. A run writes into ``train.output_dir``::
 
+    train.lock         held while a run writes here (see bitune_jax.training.run_lock)
     config.yaml        the resolved config (written at start)
     checkpoints/<step> orbax checkpoints (see bitune_jax.training.checkpoint)
-    metrics.jsonl      train records every log_every steps, eval records
+    metrics.jsonl      train records every log_every steps, eval records, events
     tb/                TensorBoard events of the same scalars
     training.png       loss curves and alpha_k / alpha_v per layer (at the end)
     summary.json       what the run did (at the end, also after a stop)
@@ -18,15 +19,28 @@ before its update. Each update consumes ``optim.grad_accum`` batches.
 Starting a run again with the same output directory resumes from the newest
 complete checkpoint: adapters, optimizer state, step and data position are
 restored, so the continued run computes bitwise what an uninterrupted run
-would have (on the same devices). Resuming is refused when the config differs
-in a field that changes training, or when the base model's content hash
-changed (see :func:`bitune_jax.training.checkpoint.check_resume`).
+would have (on the same devices). A newer checkpoint that does not restore
+completely or fails its checksums is skipped with a warning and moved to
+``checkpoints/skipped/`` (never deleted). Resuming is refused when the config
+differs in a field that changes training (``allow_optim_change`` accepts
+changed ``optim.*`` hyperparameters), or when the base model's content hash
+changed (see :func:`bitune_jax.training.checkpoint.check_resume`). A second
+run into the same output directory while one runs is refused
+(:class:`~bitune_jax.training.run_lock.RunLockedError`).
+
+What a run should not keep quiet about is printed and recorded as events in
+``metrics.jsonl`` and ``summary.json`` (``events``): skipped checkpoints,
+changed optimizer hyperparameters, updates that exploded and gradients that
+vanished (:class:`~bitune_jax.training.metrics.HealthCheck`). The data's
+counts (rows read, bad rows skipped, prompts truncated or dropped for length)
+are printed at the start and recorded in ``summary.json`` (``data``).
 
 Failures:
 
 * a non-finite loss stops the run before anything is saved from the bad
   state, and raises :class:`NonFiniteLossError` naming the step; the last
-  checkpoint stays the newest;
+  checkpoint stays the newest; resume from it with a lower ``optim.lr`` and
+  ``allow_optim_change=True`` (``--allow-optim-change``);
 * SIGTERM (preemption) finishes the current step, saves a checkpoint, waits
   for it to be complete on disk and returns with ``status == "stopped"``
   (the command exits 0); run the same command again to continue.
@@ -54,41 +68,54 @@ import time
 
 import jax
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
-from bitune_jax.conversion import assets
-
 from bitune_jax import bitune
-
-from bitune_jax.training import checkpoint
-
+from bitune_jax.config import Config, config_to_dict, save_config
+from bitune_jax.conversion import assets, load_model
+from bitune_jax.fileio import check_writable, write_json_atomic
 from bitune_jax.data import pipeline as data
-
-from bitune_jax.training import metrics
+from bitune_jax.model import attention
+from bitune_jax.training import checkpoint, metrics, run_lock
 from bitune_jax.training import sharding as shd
 from bitune_jax.training import step as ts
-from bitune_jax.config import Config, config_to_dict, save_config
-from bitune_jax.conversion import load_model
-from bitune_jax.fileio import write_json_atomic
 
 
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite."""
 
 
-def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
+def train(cfg: Config, *, allow_base_change: bool = False, allow_optim_change: bool = False,
+          break_lock: bool = False, model=None) -> dict:
     """Trains (or resumes) the run ``cfg`` describes; returns the summary (also in ``summary.json``).
 
+    ``allow_optim_change``: resume even though ``optim.*`` hyperparameters
+    differ from the checkpoint's (e.g. a lower ``optim.lr`` after a
+    non-finite loss); recorded as an ``optim_changed`` event.
+    ``break_lock``: take over the output directory's lock even if another
+    run seems to hold it (see :mod:`bitune_jax.training.run_lock`).
     ``model``: the already loaded ``cfg.model.source`` (``convert.load_model``
     with its tokenizer, in ``cfg.model.dtype``), so that several runs on one
     base model load it once; it is not modified. By default the loop loads it.
 
     Raises ``NonFiniteLossError`` on a NaN/inf loss, ``checkpoint.ResumeError``
-    when the output directory holds a checkpoint this config may not continue.
+    when the output directory holds a checkpoint this config may not continue,
+    ``checkpoint.CheckpointError`` when it holds checkpoints but none restores,
+    ``run_lock.RunLockedError`` when another run is writing there.
     """
     out_dir = os.path.abspath(cfg.train.output_dir)
     main = jax.process_index() == 0
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if main else (lambda msg: None)
+    check_writable(out_dir, folder=True)  # a read-only or misplaced output_dir fails before the model loads
+    with run_lock.hold(out_dir, break_lock=break_lock, main=main, say=say):
+        return _train(cfg, out_dir, main, say, allow_base_change=allow_base_change,
+                      allow_optim_change=allow_optim_change, model=model)
+
+
+def _train(cfg: Config, out_dir: str, main: bool, say, *, allow_base_change: bool, allow_optim_change: bool,
+           model) -> dict:
+    """The body of :func:`train`, run while this process holds the output directory's lock."""
     t_start = time.time()
 
     # --- Model and data -------------------------------------------------------
@@ -98,9 +125,17 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
         model = load_model(model_path, dtype=cfg.model.dtype)
     if model.tokenizer is None:
         raise data.DataError(f"{model_path}: no tokenizer files; training reads text rows")
+    # An attention implementation that cannot serve this model fails here, not after compiling.
+    attention.resolve(cfg.model.attention, softcap=model.cfg.attn_logit_softcap)
     base_ref = checkpoint.base_reference(cfg.model.source, model_path)
-    train_it, _ = data.train_iterator(model.tokenizer, cfg.data)
-    eval_ds = data.eval_dataset(model.tokenizer, cfg.data)[0] if cfg.data.eval is not None else None
+    train_it, train_stats = data.train_iterator(model.tokenizer, cfg.data,
+                                                batches=cfg.train.steps * cfg.optim.grad_accum)
+    eval_ds, eval_stats = data.eval_dataset(model.tokenizer, cfg.data) if cfg.data.eval is not None else (None, None)
+    data_counts = {}
+    for split, stats in (("train", train_stats), ("eval", eval_stats)):
+        if stats is not None:  # rows skipped or cut are printed, not only logged
+            data_counts[split] = stats.counts()
+            say(f"data ({split}): {stats.summary()}" + (f"; e.g. {stats.problems[0]}" if stats.problems else ""))
 
     # --- Mesh, optimizer, state, the jitted step -----------------------------
     mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -129,21 +164,43 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
 
     # --- Resume from the newest complete checkpoint ---------------------------
     ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                                  async_save=cfg.train.async_checkpoint)
+                                  async_save=cfg.train.async_checkpoint, say=say)
     config_dict = config_to_dict(cfg)
-    start = ckpt.latest_step() or 0
-    if start:
-        where = os.path.join(ckpt.directory, str(start))
+    optim_changed = {}
+
+    def accept(step, saved_config, saved_base):
+        where = os.path.join(ckpt.directory, str(step))
         # Keys an older release did not write take their defaults, which are what that release used.
-        saved = config_to_dict(Config.from_dict(ckpt.read_json(start, "config"), source=os.path.join(where, "config")))
-        checkpoint.check_resume(saved, config_dict, ckpt.read_json(start, "base"), base_ref,
-                                allow_base_change=allow_base_change, where=where)
-        state, data_state, _, _ = ckpt.restore(start, state)
-        train_it.set_state(data_state)
-        say(f"resuming from {where} (step {start} of {cfg.train.steps})")
+        saved = config_to_dict(Config.from_dict(saved_config, source=os.path.join(where, "config")))
+        optim_changed.clear()
+        optim_changed.update(checkpoint.check_resume(saved, config_dict, saved_base, base_ref,
+                                                     allow_base_change=allow_base_change,
+                                                     allow_optim_change=allow_optim_change, where=where))
+
+    try:
+        resumed = ckpt.restore_newest(state, accept)
+    except BaseException:
+        ckpt.close()  # else orbax's pending tasks print "Event loop is closed" tracebacks at exit
+        raise
+    start, events = 0, []
+    if resumed is not None:
+        start, state = resumed.step, resumed.state
+        train_it.set_state(resumed.data)
+        for skipped, why, moved_to in resumed.skipped:
+            events.append(("checkpoint_skipped", f"skipped checkpoint {skipped} ({why}); moved it to {moved_to}",
+                           {"checkpoint_step": skipped, "moved_to": moved_to}))
+        if optim_changed:
+            events.append(("optim_changed", "resuming with changed optimizer hyperparameters (allow_optim_change): "
+                           + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in optim_changed.items()),
+                           {"changes": {k: list(v) for k, v in optim_changed.items()}}))
+        for _, message, _ in events:
+            say(f"warning: {message}")
+        say(f"resuming from {os.path.join(ckpt.directory, str(start))} (step {start} of {cfg.train.steps})")
     if main:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
     log = metrics.MetricsWriter(out_dir, resume_step=start, enabled=main)
+    for kind, message, fields in events:
+        log.event(start, kind, message, **fields)
 
     batch = tokens = step_fn = None
     if start < cfg.train.steps:  # the first batch gives the step its example shapes
@@ -151,16 +208,21 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
         step_fn = ts.make_train_step(model.cfg, method, optimizer, mesh=mesh, rules=cfg.mesh.table, state=state,
                                      base=base, batch=batch,
                                      grad_accum=cfg.optim.grad_accum, remat=cfg.train.remat,
+                                     attention=cfg.model.attention,
                                      dropout_seed=cfg.train.seed if cfg.method.peft.dropout > 0 else None)
     else:
         say(f"{out_dir} already holds the checkpoint of the last step ({start}); nothing to train")
-    eval_loss_fn = jax.jit(lambda tr, b, x: bitune.loss_fn(tr, b, model.cfg, method, x)[0],
+    eval_loss_fn = jax.jit(lambda tr, b, x: bitune.loss_fn(tr, b, model.cfg, method, x,
+                                                           attention=cfg.model.attention)[0],
                            out_shardings=shd.replicated(mesh))
     lr_at = ts.make_schedule(cfg.optim.lr, cfg.optim.schedule, cfg.train.steps, cfg.optim.warmup_ratio)
+    param_norm_fn = jax.jit(optax.global_norm, out_shardings=shd.replicated(mesh))
+    health = metrics.HealthCheck(sum(x.size for x in jax.tree_util.tree_leaves(state.trainable)),
+                                 _host(param_norm_fn(state.trainable)))
 
     def evaluate(step):
         n = min(len(eval_ds), cfg.train.eval_batches)
-        losses = [_host(eval_loss_fn(state.trainable, base, _global_batch(mesh, eval_ds[i]))) for i in range(n)]
+        losses = [_host(eval_loss_fn(state.trainable, base, _global_batch(mesh, eval_ds[i], cfg.mesh.table))) for i in range(n)]
         rec = {"step": step, "split": "eval", "loss": float(np.mean(losses)), "batches": n}
         log.write(rec)
         return rec["loss"]
@@ -184,6 +246,10 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
                 if not math.isfinite(loss):
                     status = "non_finite"
                     break
+                grad_norm, param_norm = _host(m["grad_norm"]), _host(param_norm_fn(state.trainable))
+                for kind, message in health.update(step, loss, grad_norm, param_norm):
+                    say(f"warning: {message}")
+                    log.event(step, kind, message)
                 window.append(loss)
                 window_tokens += tokens
                 bar.update(1)
@@ -191,7 +257,7 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
                     now = time.time()
                     train_loss = float(np.mean(window))
                     rec = {"step": step, "split": "train", "loss": train_loss, "loss_steps": len(window),
-                           "grad_norm": _host(m["grad_norm"]), "lr": float(lr_at(step - 1)),
+                           "grad_norm": grad_norm, "param_norm": param_norm, "lr": float(lr_at(step - 1)),
                            "answer_tokens": int(_host(m["answer_tokens"])),
                            "tokens_per_s": window_tokens / max(now - t_window, 1e-9), "elapsed_s": now - t_start}
                     for name in ("alpha_k", "alpha_v"):
@@ -210,7 +276,7 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
                 if step % cfg.train.save_every == 0 or at_end:
                     save(step)
                     saved = step
-                if _agree(sigterm.requested):
+                if checkpoint.any_process(sigterm.requested):
                     status = "stopped"
                     if saved != step:
                         save(step)
@@ -227,15 +293,19 @@ def train(cfg: Config, *, allow_base_change: bool = False, model=None) -> dict:
     summary = {"status": status, "step": step, "start_step": start, "steps": cfg.train.steps,
                "train_loss": train_loss, "eval_loss": eval_loss, "seconds": time.time() - t_start,
                "output_dir": out_dir, "checkpoint": last_ckpt, "base": base_ref,
-               "metrics": log.path, "plot": None}
+               "metrics": log.path, "plot": None, "data": data_counts,
+               "optim_changed": {k: list(v) for k, v in optim_changed.items()},
+               "events": [r for r in metrics.read_metrics(log.path) if r.get("split") == metrics.EVENT] if main else []}
     if main:
         summary["plot"] = metrics.plot_training(log.path, os.path.join(out_dir, metrics.PLOT_FILE))
         write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     if status == "non_finite":
         raise NonFiniteLossError(
             f"non-finite training loss ({loss}) at step {step}; stopped without saving it. "
-            f"The last good checkpoint is {last_ckpt or '(none: no checkpoint was written)'}; "
-            "lower optim.lr or check the data before resuming.")
+            + (f"The last good checkpoint is {last_ckpt}; lower optim.lr (or check the data) and resume from "
+               "it with --allow-optim-change (train(..., allow_optim_change=True)), e.g. "
+               f"`bitune-jax train CONFIG optim.lr={cfg.optim.lr / 10:g} --allow-optim-change`."
+               if last_ckpt else "No checkpoint was written; lower optim.lr (or check the data) and start again."))
     if status == "stopped":
         say(f"SIGTERM received: saved checkpoint {last_ckpt} at step {step}; run the same command to resume")
     return summary
@@ -268,15 +338,6 @@ def _global_batch(mesh, local, rules):
 def _host(x) -> float:
     """A replicated scalar as a Python float (works on any process)."""
     return float(np.asarray(x.addressable_data(0)))
-
-
-def _agree(flag: bool) -> bool:
-    """True on every process when it is True on any (so all save and stop together)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 class _SigtermFlag:

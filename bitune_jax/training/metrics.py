@@ -6,6 +6,14 @@ Every record is one JSON line in ``<output_dir>/metrics.jsonl``::
      "tokens_per_s": 5400.0, "alpha_k": [0.51, ...], "alpha_v": [...], ...}
     {"step": 50, "split": "eval", "loss": 2.2, "batches": 10}
 
+Events are lines of their own, in the JSONL file only (:meth:`MetricsWriter.event`)::
+
+    {"step": 2, "split": "event", "event": "exploding_updates", "message": "..."}
+
+They record what a run should not keep quiet about: a checkpoint skipped on
+resume, changed optimizer hyperparameters, and the warnings of
+:class:`HealthCheck` (updates that exploded, gradients that vanished).
+
 Scalars also go to TensorBoard under ``<output_dir>/tb`` (``train/loss``,
 ``eval/loss``, ``train/alpha_k/layer_03``, ...). Lines are flushed as they
 are written, so a killed run leaves whole lines (a torn last line is dropped
@@ -36,6 +44,14 @@ from bitune_jax.fileio import atomic_path, write_jsonl_atomic
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 PLOT_FILE = "training.png"
+EVENT = "event"  # the split of event records
+
+# HealthCheck thresholds. Adapter weights are O(0.01-1) and an Adam step moves each by about optim.lr.
+EXPLODED_GROWTH = 10.0  # adapter norm growing more than this in one step: update > 9x the weights
+EXPLODED_RMS = 100.0  # adapter weights' root mean square beyond this
+VANISHED_GRAD_NORM = 1e-10  # a gradient norm at or below this, with the loss above VANISHED_MIN_LOSS,
+VANISHED_STEPS = 3  # for this many steps in a row: the gradients vanished
+VANISHED_MIN_LOSS = 1e-3
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
@@ -97,6 +113,8 @@ class MetricsWriter:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step, split = int(record["step"]), record.get("split", "train")
+        if split == EVENT:
+            return
         for name, value in record.items():
             if name in ("step", "split"):
                 continue
@@ -106,11 +124,71 @@ class MetricsWriter:
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(f"{split}/{name}", float(value), step)
 
+    def event(self, step: int, kind: str, message: str, **fields) -> None:
+        """One event record (JSONL only): ``{"step", "split": "event", "event": kind, "message", **fields}``."""
+        self.write({"step": step, "split": EVENT, "event": kind, "message": message, **fields})
+
     def close(self) -> None:
         if self.enabled:
             self._file.close()
             self._tb.close()
             self.enabled = False
+
+
+class HealthCheck:
+    """Warns when training goes wrong without a NaN: updates that explode, gradients that vanish.
+
+    An absurd learning rate (``optim.lr=1e10``) need not produce a NaN: the
+    first large update saturates the model, every later gradient is exactly
+    0, the loss stays flat and the run "completes". :meth:`update` sees each
+    step's loss, gradient norm and adapter norm and returns the warnings due:
+
+    * ``exploding_updates``: the adapters' norm grew more than
+      :data:`EXPLODED_GROWTH` times in one step (the update was larger than
+      the weights), or their root mean square exceeds :data:`EXPLODED_RMS`;
+    * ``vanishing_gradients``: the gradient norm was at most
+      :data:`VANISHED_GRAD_NORM` for :data:`VANISHED_STEPS` steps in a row
+      while the loss stayed above :data:`VANISHED_MIN_LOSS`.
+
+    Each kind is reported once.
+
+    >>> h = HealthCheck(param_count=100, param_norm=1.0)
+    >>> h.update(1, loss=2.0, grad_norm=0.5, param_norm=1.1)
+    []
+    >>> [kind for kind, _ in h.update(2, loss=2.0, grad_norm=0.5, param_norm=5e10)]
+    ['exploding_updates']
+    >>> [h.update(s, loss=2.0, grad_norm=0.0, param_norm=5e10) for s in (3, 4)]
+    [[], []]
+    >>> [kind for kind, _ in h.update(5, loss=2.0, grad_norm=0.0, param_norm=5e10)]
+    ['vanishing_gradients']
+    """
+
+    def __init__(self, param_count: int, param_norm: float):
+        self._count = max(int(param_count), 1)
+        self._norm = float(param_norm)
+        self._flat = 0  # steps in a row with a vanished gradient
+        self._reported = set()
+
+    def update(self, step: int, loss: float, grad_norm: float, param_norm: float):
+        """The warnings this step raises: ``[(kind, message)]``."""
+        found = []
+        rms = param_norm / math.sqrt(self._count)
+        if (not math.isfinite(param_norm) or param_norm > EXPLODED_GROWTH * max(self._norm, 1e-30)
+                or rms > EXPLODED_RMS):
+            found.append(("exploding_updates",
+                          f"step {step}: the updates exploded: the adapters' norm went from {self._norm:.3g} to "
+                          f"{param_norm:.3g} in one step (weights' RMS {rms:.3g}); lower optim.lr. The checkpoints "
+                          "from here on hold the exploded weights"))
+        self._norm = param_norm
+        self._flat = self._flat + 1 if grad_norm <= VANISHED_GRAD_NORM and loss > VANISHED_MIN_LOSS else 0
+        if self._flat >= VANISHED_STEPS:
+            found.append(("vanishing_gradients",
+                          f"step {step}: the gradients vanished: gradient norm {grad_norm:.3g} for {self._flat} "
+                          f"steps in a row while the loss is {loss:.4g}, so training has stalled (too large "
+                          "updates saturate the model); lower optim.lr"))
+        found = [(kind, message) for kind, message in found if kind not in self._reported]
+        self._reported.update(kind for kind, _ in found)
+        return found
 
 
 def plot_training(metrics_path: str, png_path: str) -> Optional[str]:

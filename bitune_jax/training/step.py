@@ -141,7 +141,7 @@ def _metrics(loss, aux, grads, trainable, method):
 
 
 def make_train_step(cfg: ModelConfig, method: bitune.MethodConfig, optimizer, *, mesh=None, state=None, base=None,
-                    batch=None, grad_accum: int = 1, remat: str = "none", attn_impl: str = "reference",
+                    batch=None, grad_accum: int = 1, remat: str = "none", attention: str = "auto",
                     dropout_seed: Optional[int] = None, donate: bool = True, rules=shd.DEFAULT_RULES):
     """Returns ``step(state, base, batch) -> (state, metrics)``, jitted.
 
@@ -156,7 +156,7 @@ def make_train_step(cfg: ModelConfig, method: bitune.MethodConfig, optimizer, *,
     examples, the loss is still the mean over all examples.
     """
     def loss_of(trainable, base, mb, rng):
-        return bitune.loss_fn(trainable, base, cfg, method, mb, remat=remat, attn_impl=attn_impl, dropout_rng=rng)
+        return bitune.loss_fn(trainable, base, cfg, method, mb, remat=remat, attention=attention, dropout_rng=rng)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
