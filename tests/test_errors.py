@@ -315,6 +315,19 @@ def wrong_shaped_adapters(env, tmp):
     return argv, [weights, key], [out]
 
 
+def truncated_adapters(env, tmp):
+    import shutil
+
+    src = os.path.join(os.path.dirname(__file__), "fixtures", "compat_v0_1")
+    shutil.copytree(os.path.join(src, "adapters"), tmp / "adapters")
+    weights = tmp / "adapters" / "causal" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    out = tmp / "scored.jsonl"
+    argv = ["score", "--model", os.path.join(src, "model"), "--adapters", tmp / "adapters",
+            "--data", os.path.join(src, "score_in.jsonl"), "--out", out, "--quiet"]
+    return argv, [weights, "truncated"], [out]
+
+
 def out_is_a_folder(env, tmp):
     (tmp / "results").mkdir()
     argv, _ = _score(env, tmp, tmp / "no_such_model")
@@ -514,7 +527,7 @@ CASES = [
     malformed_shard_index, truncated_gguf, not_gguf,
     data_missing, data_empty, data_malformed_json, data_not_utf8, data_row_without_fields,
     data_ids_outside_vocabulary, batch_size_zero, batch_size_not_a_number, unknown_variant,
-    variant_without_adapters, missing_adapters, wrong_shaped_adapters, out_is_a_folder, out_under_a_file,
+    variant_without_adapters, missing_adapters, wrong_shaped_adapters, truncated_adapters, out_is_a_folder, out_under_a_file,
     config_missing, config_not_yaml, unknown_key_in_config_file, unknown_key_override, bad_value_override,
     bad_type_override, override_without_value, train_data_missing, train_data_not_utf8, train_data_all_rows_bad,
     train_data_fewer_rows_than_a_batch, more_steps_than_the_epochs_hold, output_dir_is_a_file,

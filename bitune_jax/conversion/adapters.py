@@ -461,7 +461,12 @@ def _read_peft_set(folder: str, model_cfg: ModelConfig) -> _PeftSet:
         raise AdapterFileError(f"{weights}: file is missing{hint}")
     suffixes = _leaf_suffixes(method)
     modules, tensors, dtype = {}, {}, None
-    with safe_open(weights, framework="np") as f:
+    try:
+        handle = safe_open(weights, framework="np")
+    except Exception as e:  # safetensors raises its own SafetensorError for truncated or foreign files
+        raise AdapterFileError(f"{weights}: not a readable safetensors file (truncated or corrupt?): "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    with handle as f:
         stored = set(f.keys())
         used = set()
         for name, how in adapted.items():
