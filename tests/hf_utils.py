@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# XLA flags for cheaper CPU compilation (see conftest.py); subprocess runs add them to their own XLA_FLAGS.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
 
 def tiny_hf_model(kind: str, out_dir: str, seed: int = 0, **overrides):
     """Creates and saves a tiny random HF model (safetensors). Returns the torch model (eval, float32)."""

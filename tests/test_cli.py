@@ -12,7 +12,7 @@ from bitune_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "bitune_jax")
-SUBCOMMANDS = ["train", "export-adapters", "score", "eval", "generate", "demo", "bench"]
+SUBCOMMANDS = ["train", "export-adapters", "score", "eval", "generate", "demo", "bench", "lm-eval"]
 
 
 def _run_cli(*args):

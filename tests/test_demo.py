@@ -18,6 +18,7 @@ from bitune_jax.data import demo_data
 
 from bitune_jax.data import tasks
 from bitune_jax.config import config_to_dict
+from hf_utils import FAST_COMPILE
 
 
 def _needs_olmo_eval():
@@ -120,7 +121,7 @@ def test_demo_quick_end_to_end(tmp_path):
         pytest.skip(f"SmolLM2 GGUF not installed ({SMOLLM2_INSTALL})")
     _needs_olmo_eval()
     out = tmp_path / "demo"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one CPU device, as a user runs it (compiled more cheaply)
     proc = subprocess.run([sys.executable, "-m", "bitune_jax.cli", "demo", "--quick", "--steps", "3",
                            "--eval-items", "8", "--tasks", "sciq,arc_easy", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)

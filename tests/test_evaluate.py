@@ -1,4 +1,5 @@
-"""Evaluation: shared-prefix scoring = naive scoring, metrics, task formats, real-model parity, lm-eval adapter."""
+"""Evaluation: shared-prefix scoring = naive scoring, metrics, task formats, real-model parity (the lm-eval
+adapter: tests/test_lm_eval.py)."""
 from __future__ import annotations
 
 import copy
@@ -238,66 +239,3 @@ def test_smollm2_arc_easy_predictions_match_transformers(smollm2, smollm2_hf):
     assert [r["pred_norm"] for r in rows] == preds_norm
     assert max_diff < 1e-2, max_diff
     assert metrics["acc"] == pytest.approx(np.mean(np.array(preds) == [i.gold for i in items]))
-
-
-# --------------------------------------------------------------------------- lm-eval adapter
-def test_lm_eval_adapter(base):
-    pytest.importorskip("lm_eval")
-    from lm_eval.api.instance import Instance
-    from lm_eval.api.model import LM
-
-    from bitune_jax.conversion import LoadedModel
-    from bitune_jax.evaluation.generate import generate
-    from bitune_jax.evaluation.lm_eval_adapter import BituneLM
-
-    method = bitune.MethodConfig(variant="bitune", peft=PeftConfig(rank=4, alpha=8.0))
-    tr = random_trainable(CFG, method, seed=2, base=base)
-    tok = WordTokenizer()
-    lm = BituneLM(loaded=LoadedModel(base, CFG, tok, "tiny"), trainable=tr, method=method, batch_size=4,
-                  max_length=16)
-    assert isinstance(lm, LM)
-
-    def inst(kind, args):
-        return Instance(request_type=kind, doc={}, arguments=args, idx=0)
-
-    reqs = [("Is it red? ", "yes"), ("Is it red?", " no"), ("Pick:", " a"), ("", "hello")]
-    got = lm.loglikelihood([inst("loglikelihood", r) for r in reqs])
-    # Trailing context spaces move to the continuation; an empty context is the BOS token.
-    ctx = [tok("Is it red?")["input_ids"]] * 2 + [tok("Pick:")["input_ids"], [1]]
-    cont = [tok(c, add_special_tokens=False)["input_ids"] for c in (" yes", " no", " a", "hello")]
-    ref = score_choices_naive(base, CFG, ctx, [[c] for c in cont], tr, method)
-    np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], rtol=1e-5, atol=1e-5)
-    assert all(isinstance(g[1], bool) for g in got)
-
-    # Rolling: one window is the string scored after the prefix token; longer strings add up disjoint windows.
-    short = lm.loglikelihood_rolling([inst("loglikelihood_rolling", ("abcdefg",))])[0]
-    toks = tok("abcdefg", add_special_tokens=False)["input_ids"]
-    assert short == pytest.approx(score_choices_naive(base, CFG, [[1]], [[toks]], tr, method)[0][0], abs=1e-4)
-    long = lm.loglikelihood_rolling([inst("loglikelihood_rolling", ("abcdefghij" * 4,))])[0]
-    assert np.isfinite(long) and long < short
-
-    gen = lm.generate_until([inst("generate_until", ("Say:", {"until": ["\x00"], "max_gen_toks": 6})),
-                             inst("generate_until", ("Hi", {"until": "\x00", "max_gen_toks": 6}))])
-    ref = generate(base, CFG, tok, ["Say:", "Hi"], tr, method, max_new_tokens=6, stop=["\x00"])
-    assert gen == [g.text for g in ref]
-
-
-def test_lm_eval_adapter_without_harness(monkeypatch):
-    import builtins
-    import importlib
-
-    import bitune_jax.evaluation.lm_eval_adapter as mod
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *a, **k):
-        if name.startswith("lm_eval"):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    mod = importlib.reload(mod)  # the module itself imports without the harness
-    with pytest.raises(ImportError, match="pip install lm-eval"):
-        mod.BituneLM
-    monkeypatch.undo()
-    importlib.reload(mod)

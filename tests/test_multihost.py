@@ -27,14 +27,13 @@ import pytest
 import yaml
 
 from bitune_jax.training import distributed
-from hf_utils import save_word_tokenizer, tiny_hf_model
+from hf_utils import FAST_COMPILE, save_word_tokenizer, tiny_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 TOL = 1e-5
 WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "Question:", "Answer:"] + [f"w{i}" for i in range(80)]
-# Cheaper CPU compilation (every run compiles its step once); the same flags for every run.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Cheaper CPU compilation (every run compiles its step once): FAST_COMPILE, the same flags for every run.
 
 
 @pytest.fixture

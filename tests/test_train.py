@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hf_utils import save_word_tokenizer, tiny_hf_model
+from hf_utils import FAST_COMPILE, save_word_tokenizer, tiny_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "Question:", "Answer:"] + [f"w{i}" for i in range(60)]
@@ -60,7 +60,7 @@ def _env(root):
     # XDG_CACHE_HOME is inherited: the runs share the session's caches (converted GGUF
     # tokenizers, file hashes), so a run on the real model does not convert its tokenizer again.
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITUNE_")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1 " + FAST_COMPILE, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env

@@ -62,6 +62,48 @@ def _peak_flops():
     return next((v for k, v in table.items() if k in kind), None)
 
 
+FLOPS_FORMULA = ("4*N_lin*T (base projections: forward + activation gradients, no base weight gradients) "
+                 "+ 12*L*H*hd*sum(q*k) (dense attention rectangle: 2 matmuls forward, 4 backward) "
+                 "+ 6*L*r*sum(in+out)*T_adapted (LoRA: forward, input and weight gradients) "
+                 "+ 4*B*A*d*V (unembedding over answer tokens: forward + activation gradient)")
+
+
+def step_flops(cfg, variant: str, batch: int, prompt: int, answer: int, rank: int = 8) -> dict:
+    """Model FLOPs of one train step (see :data:`FLOPS_FORMULA`), by term.
+
+    ``T`` counts the tokens every base projection sees: the prefill span
+    ``P - 1`` once per prompt stream, plus the ``A`` answer-stream tokens.
+    Attention counts each stream's full query x key rectangle (the dense
+    reference computes it whole, masked entries included).
+    """
+    streams = bitune.MethodConfig(variant=variant).prompt_streams
+    s = max(prompt - 1, 1)
+    tokens = batch * (len(streams) * s + answer)
+    n_lin = cfg.num_layers * sum(int(np.prod(cfg.projection_shape(p))) for p in cfg.projections)
+    qk = len(streams) * s * s + answer * (s + answer)
+    attn = 12 * cfg.num_layers * batch * cfg.num_heads * cfg.head_dim * qk
+    lora = 6 * cfg.num_layers * rank * sum(sum(cfg.projection_shape(p)) for p in cfg.projections) * tokens
+    unembed = 4 * batch * answer * cfg.hidden_size * cfg.vocab_size
+    base = 4 * n_lin * tokens
+    return {"base_projections": base, "attention": attn, "lora": lora, "unembedding": unembed,
+            "total": base + attn + lora + unembed, "tokens": tokens}
+
+
+def matmul_rate(m: int, k: int, n: int, dtype=jnp.float32, reps: int = 5) -> float:
+    """FLOP/s of one ``[m, k] @ [k, n]`` matmul on this device (median of ``reps``)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    w = jnp.asarray(rng.normal(size=(k, n)), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(x, w))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x, w))
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times)
+
+
 def train_step_bench(base, cfg, *, batch=8, prompt=192, answer=64, steps=3, variants=("lora", "bitune"),
                      remat="none", attention="auto"):
     """Times train steps of each variant on one batch; returns a list of JSON-ready dicts."""
@@ -93,9 +135,19 @@ def train_step_bench(base, cfg, *, batch=8, prompt=192, answer=64, steps=3, vari
     rows = []
     params = sum(x.size for x in jax.tree_util.tree_leaves(base))
     peak = _peak_flops()
+    # The rate a plain matmul of the step's own largest base-projection shape reaches here, measured
+    # now (same process, same load), so the step's fraction of it needs no outside numbers.
+    mm_tokens = step_flops(cfg, "bitune", batch, prompt, answer)["tokens"]
+    mm_rate = matmul_rate(mm_tokens, cfg.hidden_size, cfg.intermediate_size, dtype=base["embed"].dtype)
     for v in variants:
+        flops = step_flops(cfg, v, batch, prompt, answer)
         row = {"bench": "train_step", "variant": v, "batch": batch, "prompt": prompt, "answer": answer,
-               "step_s": med[v], "step_s_all": times[v], "peak_bytes_compiled": mem[v], **_device_info()}
+               "step_s": med[v], "step_s_all": times[v], "peak_bytes_compiled": mem[v],
+               "model_flops": flops, "flops_formula": FLOPS_FORMULA,
+               "achieved_flops_per_s": flops["total"] / med[v],
+               "matmul_shape": [mm_tokens, cfg.hidden_size, cfg.intermediate_size],
+               "matmul_flops_per_s": mm_rate, "fraction_of_matmul_rate": flops["total"] / med[v] / mm_rate,
+               **_device_info()}
         n_tok = tokens.get(v, tokens["bitune"])
         row["tokens_per_s"] = n_tok / med[v]
         if peak is not None:  # 6 N FLOPs per token forward+backward (frozen base still backpropagates activations)

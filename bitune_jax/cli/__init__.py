@@ -34,6 +34,7 @@ COMMANDS = {
     "generate": "generate",
     "demo": "demo",
     "bench": "bench",
+    "lm-eval": "lm_eval",
 }
 
 

@@ -215,9 +215,12 @@ def _atomic_dir(out_dir: str):
         raise
 
 
-def _save_safetensors(tensors, path: str, metadata) -> None:
-    # safetensors' save_file makes the file 0o600; open() gives the umask's mode like every other output.
-    with open(path, "wb") as f:
+def save_file(tensors, filename: str, metadata=None) -> None:
+    """``safetensors.numpy.save_file``, but the file gets the umask's permissions like every other output.
+
+    (safetensors creates it readable by its owner only, 0o600.)
+    """
+    with open(filename, "wb") as f:
         f.write(safetensors_bytes(tensors, metadata=metadata))
 
 
@@ -276,7 +279,7 @@ def _write_set(folder: str, adapters, model_cfg: ModelConfig, peft_cfg, base_mod
             arr = np.asarray(leaves[leaf])
             for l in range(model_cfg.num_layers):
                 tensors[_PEFT_PREFIX + _module_path(model_cfg, name, l) + suffix] = _to_peft(leaf, name, arr[l])
-    _save_safetensors(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     _write_json(os.path.join(folder, ADAPTER_CONFIG), _adapter_config(model_cfg, peft_cfg, base_model_name_or_path))
 
 
@@ -311,10 +314,10 @@ def export_adapters(out_dir: str, trainable, model_cfg: ModelConfig, method_cfg:
             _write_set(os.path.join(tmp, SET_DIRS[name]), trainable[name], model_cfg, method_cfg.peft,
                        base_model_name_or_path)
         if method_cfg.mixed:
-            _save_safetensors({"theta_k": np.asarray(trainable["mix"]["theta_k"], np.float32),
-                               "theta_v": np.asarray(trainable["mix"]["theta_v"], np.float32),
-                               "theta_init": np.asarray([method_cfg.theta_init], np.float32)},
-                              os.path.join(tmp, MIXING_FILE), metadata={"format": "pt"})
+            save_file({"theta_k": np.asarray(trainable["mix"]["theta_k"], np.float32),
+                       "theta_v": np.asarray(trainable["mix"]["theta_v"], np.float32),
+                       "theta_init": np.asarray([method_cfg.theta_init], np.float32)},
+                      os.path.join(tmp, MIXING_FILE), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, BITUNE_JSON), {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

@@ -170,7 +170,9 @@ class _BituneLMImpl:
         groups: Dict[tuple, List[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             if cont:
-                keep = max(self.max_length - len(cont), 1)
+                # The model reads context + continuation[:-1]: at most max_length tokens, as in the harness's
+                # hf model (its rolling windows are cut for exactly that).
+                keep = max(self.max_length + 1 - len(cont), 1)
                 groups.setdefault(tuple(ctx[-keep:]), []).append(i)
         out = [(0.0, True)] * len(pairs)
         keys = list(groups)

@@ -100,13 +100,16 @@ class Checkpoints:
         on the files (``close`` waits too).
       say: prints what the manager cleans up (folders of an interrupted save
         or deletion); default: the ``logging`` module.
+      read_only: only read (exporting adapters of a run that may still be
+        training): nothing is cleaned up, saved, moved or deleted.
     """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
-                 say: Optional[Callable[[str], None]] = None):
+                 say: Optional[Callable[[str], None]] = None, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self._say = say or logging.getLogger(__name__).warning
-        self._main = jax.process_index() == 0
+        self._read_only = read_only
+        self._main = jax.process_index() == 0 and not read_only  # the process that cleans up and moves
         if self._main and os.path.isdir(self.directory):
             partial = sorted(n for n in os.listdir(self.directory) if TMP_MARK in n)
             if partial:  # orbax removes them (cleanup_tmp_directories)
@@ -118,9 +121,12 @@ class Checkpoints:
                           "(their deletion was interrupted)")
         # Old steps are renamed into DELETED_DIR (atomic) and removed from there, so a run killed while
         # deleting never leaves a half-deleted step folder that looks like a checkpoint.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True, create=True,
-                                               todelete_subdir=DELETED_DIR)
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                               save_interval_steps=0 if read_only else 1,
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=not read_only, create=not read_only,
+                                               todelete_subdir=None if read_only else DELETED_DIR,
+                                               read_only=read_only)
         self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=("state", "data", "config", "base", "checksum"))
 
@@ -179,10 +185,11 @@ class Checkpoints:
 
         Newer checkpoints that fail are skipped and moved, never deleted, to
         ``<directory>/skipped/<step>`` (numbered ``<step>-2``, ... if taken),
-        so the run continues from the one restored; :attr:`Restored.skipped`
-        says which and why. ``accept(step, config, base)`` sees each
-        candidate's config and base reference before its arrays are read and
-        raises (e.g. :class:`ResumeError`) to stop the search. Raises
+        so the run continues from the one restored (with ``read_only`` they
+        stay where they are); :attr:`Restored.skipped` says which and why.
+        ``accept(step, config, base)`` sees each candidate's config and base
+        reference before its arrays are read and raises (e.g.
+        :class:`ResumeError`) to stop the search. Raises
         :class:`CheckpointError` when checkpoints exist but none restores
         (then nothing is moved).
         """
@@ -213,6 +220,8 @@ class Checkpoints:
 
     def _set_aside(self, step: int) -> str:
         """Moves step folder ``step`` to ``skipped/`` (process 0) and tells orbax it is gone; returns the new path."""
+        if self._read_only:
+            return os.path.join(self.directory, str(step))
         target = os.path.join(self.directory, SKIPPED_DIR, str(step))
         n = 1
         while os.path.lexists(target):
