@@ -1,4 +1,4 @@
-"""lm-evaluation-harness with bitune-jax models: ``bitune-jax lm-eval ARGS`` is ``lm-eval ARGS`` plus model ``bitune_jax``.
+"""lm-evaluation-harness with bitune-jax models: ``bitune-jax lm-eval ARGS`` is ``lm-eval ARGS`` plus ``bitune_jax``.
 
 Every argument after ``lm-eval`` goes to the harness's own command line
 (``lm_eval.__main__.cli_evaluate``), which has no plugin mechanism for
@@ -8,6 +8,10 @@ adapter folder on the packaged SmolLM2-135M-Instruct::
 
     bitune-jax lm-eval --model bitune_jax --model_args model=smollm2,adapters=runs/x/adapters \\
         --tasks arc_easy --apply_chat_template --output_path results/
+
+(the harness's packaged tasks such as ``arc_easy`` download their data; a task
+YAML over local files, passed with ``--include_path``, runs offline: see the
+README's lm-evaluation-harness section).
 
 Model arguments: model, adapters, variant, dtype (float32, bfloat16),
 batch_size, max_length, max_gen_toks, attention. Without ``--batch_size``

@@ -77,6 +77,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
@@ -351,20 +352,28 @@ def export_run_adapters(run_dir: str, out_dir: str, step: Optional[int] = None, 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{run_dir}: no checkpoints/ folder (is this a train.output_dir?)")
-    ckpt = checkpoint.Checkpoints(ckpt_dir, async_save=False)
+    # Read only: the run may still be training (its in-flight save must not be touched), and a
+    # damaged newest checkpoint is skipped (with a warning), never moved, as resume would skip it.
+    ckpt = checkpoint.Checkpoints(ckpt_dir, async_save=False, read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in ckpt.all_steps():
-            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint at step {step} "
-                                    f"(available: {sorted(ckpt.all_steps())})")
-        cfg = Config.from_dict(ckpt.read_json(step, "config"), source=os.path.join(ckpt_dir, str(step), "config"))
+        steps = sorted(ckpt.all_steps())
+        if not steps or (step is not None and step not in steps):
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint at step {step} (available: {steps})")
+        newest = steps[-1] if step is None else step
+        cfg = Config.from_dict(ckpt.read_json(newest, "config"), source=os.path.join(ckpt_dir, str(newest), "config"))
         if model is None:
             model = load_model(assets.resolve_model_source(cfg.model.source), dtype=cfg.model.dtype,
                                with_tokenizer=False)
         optimizer = ts.make_optimizer(cfg.optim, total_steps=cfg.train.steps)
         like = ts.init_state(bitune.init_trainable(jax.random.PRNGKey(0), model.cfg, cfg.method, model.params),
                              optimizer)
-        state = ckpt.restore(step, like)[0]
+        if step is None:
+            restored = ckpt.restore_newest(like)
+            step, state = restored.step, restored.state
+            for skipped, why, _ in restored.skipped:
+                print(f"warning: skipped checkpoint {skipped}: {why}", file=sys.stderr)
+        else:
+            state = ckpt.restore(step, like)[0]
     finally:
         ckpt.close()
     export_adapters(out_dir, jax.device_get(state.trainable), model.cfg, cfg.method, cfg.model.source)

@@ -113,7 +113,7 @@ class _BituneLMImpl:
             raise ValueError(f"bitune_jax model_args: unknown {unknown}; allowed: {allowed}")
         # Checked before the (slow) model load.
         self.batch_size = resolve_batch_size(batch_size, harness.get("max_batch_size"))
-        # The harness reports the sizes it did not get as a number (``batch_size: auto (8)``).
+        # The harness prints what "auto" became from this: ``batch_size: auto (8)``.
         self.batch_sizes = {"auto": self.batch_size} if str(batch_size).startswith("auto") else {}
         if loaded is None:
             if model is None:
