@@ -243,7 +243,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(fil
     assert summary["status"] == "non_finite" and summary["step"] == bad
 
 
-def test_grad_accumulation_equals_one_big_batch(files, tmp_path):
+def test_grad_accumulation_equals_one_big_batch(files, tmp_path, xla_optimized):
     from bitune_jax.training.loop import train
 
     common = {"steps": 1, "save_every": 1, "eval_every": 0}
