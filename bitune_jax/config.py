@@ -19,7 +19,7 @@ came from (file or override) and what is allowed::
     ...     Config.from_dict({"mesh": {"dat": 2}}, source="run.yaml")
     ... except ConfigError as e:
     ...     print(e)
-    run.yaml: unknown key 'mesh.dat'; allowed keys in 'mesh': data, fsdp, tensor
+    run.yaml: unknown key 'mesh.dat'; allowed keys in 'mesh': data, fsdp, rules, tensor
 
 YAML rules:
 

@@ -439,5 +439,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     family = family_for(model_type, source)
     try:
         return family.config_from_hf(hf)
+    except UnsupportedModelError:
+        raise
     except (KeyError, TypeError, ValueError) as e:  # a missing key or a value of the wrong type
         raise ValueError(f"{source}: not a usable {model_type} config ({type(e).__name__}: {e})") from None
