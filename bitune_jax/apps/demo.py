@@ -72,7 +72,7 @@ from bitune_jax.config import config_to_dict, load_config
 from bitune_jax.conversion import load_model
 from bitune_jax.evaluation.evaluate import evaluate_mc
 from bitune_jax.evaluation.stats import mean_stderr
-from bitune_jax.fileio import atomic_path, write_json_atomic, write_jsonl_atomic
+from bitune_jax.fileio import write_json_atomic, write_jsonl_atomic
 from bitune_jax.data.tasks import MCItem
 from bitune_jax.data.text import format_plain
 
@@ -243,13 +243,7 @@ def plot_comparison(results: Dict, png_path: str) -> str:
     ax.set_ylabel("alpha (share of the bidirectional K/V)")
     ax.set_title("Bitune mixing after training")
     ax.legend()
-    fig.tight_layout()
-    try:
-        with atomic_path(png_path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return png_path
+    return metrics.save_figure(fig, png_path)
 
 
 # --------------------------------------------------------------------------- the demo

@@ -233,6 +233,13 @@ def plot_training(metrics_path: str, png_path: str) -> Optional[str]:
             ax.set_xlabel("step")
             ax.set_title(f"{name} per layer")
             ax.legend(fontsize="small")
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path: str) -> str:
+    """Lays out ``fig``, writes it as PNG atomically and closes it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with atomic_path(png_path) as tmp:
