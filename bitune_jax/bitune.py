@@ -62,16 +62,28 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+import functools
+from typing import Literal, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bitune_jax import schema
 from bitune_jax.model import transformer as T
 from bitune_jax.model.attention import Mask
 from bitune_jax.model.config import ModelConfig
 from bitune_jax.model.peft import PeftConfig, init_adapters
+
+def _alpha_init_error(value) -> Optional[str]:
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if not values:
+        return "give one number or one per layer"
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            return f"every initial alpha must be a number in [0, 1); got {v!r}"
+    return None
+
 
 VARIANTS = ("bitune", "lora", "naive_bidirectional", "no_mixing", "only_causal", "shared_weights")
 
@@ -96,15 +108,31 @@ class MethodConfig:
         adapter set, whatever ``peft.method`` is), or one of the paper's
         ablations (the variants table of this module's docstring).
       peft: the adapter type and shape, used for every adapter set.
-      theta_init: initial value of the mixing parameters theta; with
-        ``alpha = |theta| / (theta_init + |theta|)`` it starts every mix at 0.5.
+      theta_init: the constant of ``alpha = |theta| / (theta_init + |theta|)``
+        and, unless ``alpha_init`` says otherwise, the initial value of every
+        theta, so that every mix starts at 0.5 (the paper). It also sets how
+        fast alpha moves: ``d alpha / d theta = (1 - alpha)^2 / theta_init``,
+        and Adam moves theta by about the mixing learning rate per step
+        whatever its gradient's size.
+      alpha_init: the mix at step 0 instead of 0.5, for keys and values
+        alike: one number for every layer or a list of one per layer, each in
+        ``[0, 1)``; theta starts at ``theta_init * a / (1 - a)``. Alpha 0 is
+        theta 0 exactly: the model starts from the causal model's own cache,
+        and the loss at step 0 is the plain LoRA loss of the causal adapters.
+        It still trains: JAX differentiates ``|theta|`` at 0 as +1
+        (``lax.abs``: ``select(x >= 0, g, -g)``; a test checks it), where
+        PyTorch's ``abs`` has gradient 0 and would freeze such a mix. None
+        (default): theta starts at ``theta_init``.
     """
 
     variant: Literal[VARIANTS] = "bitune"
     peft: PeftConfig = PeftConfig()
     theta_init: float = schema.field(0.01, gt=0.0)
+    alpha_init: Optional[Union[float, Tuple[float, ...]]] = schema.field(None, check=_alpha_init_error)
 
     def __post_init__(self):
+        if isinstance(self.alpha_init, list):  # a hashable value: the config is a static jit argument
+            object.__setattr__(self, "alpha_init", tuple(self.alpha_init))
         schema.validate(self, "method")
 
     @property
@@ -128,10 +156,27 @@ def init_trainable(rng, cfg: ModelConfig, method: MethodConfig, base_params=None
     for i, name in enumerate(method.adapter_sets):
         out[name] = init_adapters(jax.random.fold_in(rng, i), cfg, method.peft, base_params)
     if method.mixed:
+        theta = initial_theta(method, cfg.num_layers)
         # Two distinct buffers (not one shared array), so a donating step can own both.
-        out["mix"] = {"theta_k": jnp.full((cfg.num_layers,), method.theta_init, jnp.float32),
-                      "theta_v": jnp.full((cfg.num_layers,), method.theta_init, jnp.float32)}
+        out["mix"] = {"theta_k": jnp.asarray(theta), "theta_v": jnp.asarray(theta.copy())}
     return out
+
+
+def initial_theta(method: MethodConfig, num_layers: int) -> np.ndarray:
+    """Theta per layer ``[num_layers]`` (float32) at step 0: ``theta_init``, or what gives ``method.alpha_init``.
+
+    >>> m = MethodConfig(alpha_init=[0.0, 0.5, 0.9])
+    >>> [round(float(a), 6) for a in mix_alpha(jnp.asarray(initial_theta(m, 3)), m.theta_init)]
+    [0.0, 0.5, 0.9]
+    """
+    if method.alpha_init is None:
+        return np.full((num_layers,), method.theta_init, np.float32)
+    alpha = np.asarray(method.alpha_init, np.float64).reshape(-1)
+    if alpha.size not in (1, num_layers):
+        raise schema.ConfigError(f"'method.alpha_init' has {alpha.size} values; the model has {num_layers} "
+                                 f"layers: give one number or {num_layers}")
+    alpha = np.broadcast_to(alpha, (num_layers,))
+    return (method.theta_init * alpha / (1.0 - alpha)).astype(np.float32)
 
 
 def with_base_default(trainable, method):
@@ -157,7 +202,12 @@ def mix(x_c, x_b, theta, theta_init: float):
 
 
 class Streams(NamedTuple):
-    """Token blocks derived from a padded batch (see :func:`make_streams`)."""
+    """Token blocks derived from a padded batch (see :func:`make_streams`).
+
+    Packed batches (:func:`packed_streams`) add segment ids: row ``r`` holds
+    several examples, example ``s`` of the row has id ``s`` (from 1) on its
+    prefill-span and answer-stream tokens, padding has 0.
+    """
 
     pre_tokens: jax.Array  # [B, S] prefill span, S = max(P - 1, 1)
     pre_pos: jax.Array  # [B, S]
@@ -166,14 +216,46 @@ class Streams(NamedTuple):
     ans_pos: jax.Array  # [B, A]
     ans_valid: jax.Array  # [B, A]
     targets: jax.Array  # [B, A] = y
+    pre_seg: Optional[jax.Array] = None  # [B, S] segment ids of packed rows; None: one example per row
+    ans_seg: Optional[jax.Array] = None  # [B, A]
+
+
+PACKED_KEYS = ("pre_ids", "pre_pos", "pre_seg", "ans_ids", "ans_pos", "ans_seg", "targets")
+
+
+def is_packed(batch) -> bool:
+    """True for a packed batch (:func:`bitune_jax.data.pipeline.pack`), False for the padded format."""
+    return "ans_seg" in batch
+
+
+def packed_streams(batch) -> Streams:
+    """The streams of a packed batch, whose arrays already are the stream blocks.
+
+    ``batch`` (all int32, written by :func:`bitune_jax.data.pipeline.pack`):
+    ``pre_ids/pre_pos/pre_seg [R, S]``: the prefill spans ``x[0..L-1)`` of
+    the row's examples one after the other, positions ``0..L-2`` of each, and
+    its segment id; ``ans_ids/ans_pos/ans_seg/targets [R, A]``: each example's
+    answer-stream tokens ``[x[L-1], y[0..M-1)]`` at positions ``L-1 ..``, same
+    order, and its targets ``y``. Segment id 0 is padding.
+    """
+    missing = [k for k in PACKED_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"a packed batch needs {', '.join(PACKED_KEYS)}; missing: {', '.join(missing)}")
+    i32 = lambda k: jnp.asarray(batch[k], jnp.int32)  # noqa: E731
+    pre_seg, ans_seg = i32("pre_seg"), i32("ans_seg")
+    return Streams(i32("pre_ids"), i32("pre_pos"), pre_seg > 0, i32("ans_ids"), i32("ans_pos"), ans_seg > 0,
+                   i32("targets"), pre_seg, ans_seg)
 
 
 def make_streams(batch) -> Streams:
     """Splits a padded batch into the prefill span and the answer stream.
 
     ``batch``: ``prompt_ids [B, P]``, ``prompt_len [B]``, ``answer_ids [B, A]``,
-    ``answer_len [B]`` (right padded).
+    ``answer_len [B]`` (right padded); a packed batch (:func:`is_packed`)
+    goes to :func:`packed_streams`.
     """
+    if is_packed(batch):
+        return packed_streams(batch)
     prompt, plen = batch["prompt_ids"], batch["prompt_len"].astype(jnp.int32)
     answer, alen = batch["answer_ids"], batch["answer_len"].astype(jnp.int32)
     b, p = prompt.shape
@@ -203,27 +285,36 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
     n_pre = len(streams)
     # Prompt streams attend among the prefill span (causally or not); the answer
     # stream attends to the (mixed) span, then causally to itself.
-    masks = [Mask.over(st.pre_pos, st.pre_valid, causal=causal) for causal, _ in streams]
+    # Packed rows: segment ids keep every token within its own example.
+    masks = [Mask.over(st.pre_pos, st.pre_valid, causal=causal, segment=st.pre_seg) for causal, _ in streams]
     x_pre = T.embed(base, cfg, st.pre_tokens)
     xs = [x_pre] * n_pre
     positions = [st.pre_pos] * n_pre
     if with_answer:
         masks.append(Mask.over(st.ans_pos, st.ans_valid, causal=True, prefix_positions=st.pre_pos,
-                               prefix_valid=st.pre_valid))
+                               prefix_valid=st.pre_valid, segment=st.ans_seg, prefix_segment=st.pre_seg))
         xs.append(T.embed(base, cfg, st.ans_tokens))
         positions.append(st.ans_pos)
+    # The loop carries the streams packed along the token axis, as the block computes on them.
+    xs = T.Packed(jnp.concatenate(xs, axis=1), tuple(x.shape[1] for x in xs))
 
     mix_params = trainable.get("mix") if method.mixed else None
-    layer_inputs = (base["layers"], {k: v for k, v in trainable.items() if k != "mix"}, mix_params,
-                    T.layer_flags(cfg), jnp.arange(cfg.num_layers))
+    # With a remat policy the base weights are indexed per layer rather than scanned over (re-indexed in
+    # the backward pass, never saved), so the loop can stop before the last layer without slicing a copy
+    # of the stack. Without one, autodiff would save each layer's slice: the loop scans the stack whole.
+    scan_weights = remat in (None, "none", False)
+    layer_inputs = (base["layers"] if scan_weights else None, {k: v for k, v in trainable.items() if k != "mix"},
+                    mix_params, T.layer_flags(cfg), jnp.arange(cfg.num_layers))
 
-    def body(xs, layer):
+    def body(xs, layer, kv_only=None):
         lp, sets, mixp, is_local, idx = layer
+        if lp is None:
+            lp = jax.tree_util.tree_map(lambda w: jax.lax.dynamic_index_in_dim(w, idx, keepdims=False), base["layers"])
         ads = [sets[name] for _, name in streams] + ([sets["causal"]] if with_answer else [])
         rngs = None
         if dropout_rng is not None:
             lr = jax.random.fold_in(dropout_rng, idx)
-            rngs = [jax.random.fold_in(lr, i) for i in range(len(xs))]
+            rngs = [jax.random.fold_in(lr, i) for i in range(len(positions))]
 
         def mixed_prefix(ks, vs):
             """This layer's prefill keys/values as the answer stream sees them."""
@@ -237,30 +328,56 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
 
         xs, ks, vs = T.apply_block(lp, cfg, xs, positions, masks, ads, is_local=is_local,
                                    prefix=prefixes if with_answer else None, peft_cfg=method.peft,
-                                   attention=attention, dropout_rngs=rngs)
+                                   attention=attention, dropout_rngs=rngs, kv_only=kv_only)
         return xs, (mixed_prefix(ks, vs) if return_prefix else None)
 
-    xs, kv = jax.lax.scan(T.rematerialize(body, remat), xs, layer_inputs)
+    remat_of = functools.partial(T.rematerialize, policy=remat)
+    if scan_weights:
+        xs, kv = jax.lax.scan(remat_of(body, prevent_cse=False), xs, layer_inputs)
+    else:
+        # Of the last layer the prompt streams feed only their keys/values (the answer stream's prefix or the
+        # returned cache): that layer runs after the loop, without their queries, attention and MLP.
+        last = cfg.num_layers - 1
+        xs, kv = jax.lax.scan(remat_of(body, prevent_cse=False), xs,
+                              jax.tree_util.tree_map(lambda a: a[:last], layer_inputs))
+        kv_only = (True,) * n_pre + ((False,) if with_answer else ())
+        xs, kv_last = remat_of(functools.partial(body, kv_only=kv_only))(
+            xs, jax.tree_util.tree_map(lambda a: a[last], layer_inputs))
+        if return_prefix:
+            kv = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), kv, kv_last)
     prefix = T.KV(*kv) if return_prefix else None
-    return (xs[-1] if with_answer else None), prefix
+    return (xs.streams()[-1] if with_answer else None), prefix
 
 
 def answer_nll(trainable, base, cfg: ModelConfig, method: MethodConfig, batch, **kw):
-    """Per-example answer NLL terms: ``(nll_sum [B], num_tokens [B])`` (float32, int32)."""
+    """Per-example answer NLL terms: ``(nll_sum [B], num_tokens [B])`` (float32, int32).
+
+    For a packed batch of ``R`` rows and answer width ``A`` the terms are per
+    slot ``[R * A]``: slot ``r * A + s - 1`` is example ``s`` of row ``r``;
+    unused slots have ``num_tokens == 0``.
+    """
     st = make_streams(batch)
     h, _ = run_streams(trainable, base, cfg, method, st, **kw)
     logits = T.unembed(base, cfg, h)  # [B, A, V] float32
     logz = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, st.targets[..., None], axis=-1)[..., 0]
     nll = jnp.where(st.ans_valid, logz - tgt, 0.0)
-    return nll.sum(-1), st.ans_valid.sum(-1).astype(jnp.int32)
+    if st.ans_seg is None:
+        return nll.sum(-1), st.ans_valid.sum(-1).astype(jnp.int32)
+    r, a = nll.shape  # a row holds at most A examples (each has >= 1 answer token)
+    slot = (jnp.arange(r, dtype=jnp.int32)[:, None] * a + jnp.maximum(st.ans_seg - 1, 0)).reshape(-1)
+    nll_sum = jax.ops.segment_sum(nll.reshape(-1), slot, num_segments=r * a)  # padding adds exact zeros
+    n = jax.ops.segment_sum(st.ans_valid.reshape(-1).astype(jnp.int32), slot, num_segments=r * a)
+    return nll_sum, n
 
 
 def loss_fn(trainable, base, cfg: ModelConfig, method: MethodConfig, batch, **kw):
     """Mean over examples of each example's mean answer-token NLL.
 
     Examples with ``answer_len == 0`` (batch padding) get weight zero, so a
-    batch gives the same number as averaging its examples one by one.
+    batch gives the same number as averaging its examples one by one. A
+    packed batch (several examples per row, :func:`packed_streams`) gives the
+    same mean over its examples as the same examples unpacked.
     Returns ``(loss, {"nll_sum", "num_tokens"})``.
     """
     nll_sum, n = answer_nll(trainable, base, cfg, method, batch, **kw)

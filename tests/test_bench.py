@@ -28,7 +28,7 @@ def test_bench_quick_emits_json(capsys):
     assert cli.main(["bench", "--quick", "--steps", "1"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     kinds = {r["bench"] for r in rows}
-    assert kinds == {"train_step", "train_step_ratio", "mc_eval", "decode"}
+    assert kinds == {"train_step", "train_step_ratio", "mc_eval", "decode", "padding"}
     train = [r for r in rows if r["bench"] == "train_step"]
     assert {r["variant"] for r in train} == {"lora", "bitune"}
     assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 and "peak_bytes_compiled" in r for r in train)
@@ -37,3 +37,18 @@ def test_bench_quick_emits_json(capsys):
     assert all("token_ratio" in r and "bitune_over_lora" in r for r in ratio)
     assert all("shared_questions_per_s" in r for r in rows if r["bench"] == "mc_eval")
     assert all("decode_ratio_bitune_over_lora" in r for r in rows if r["bench"] == "decode")
+
+
+def test_padding_bench_quick_packing_pads_less_on_the_same_tokens():
+    """No model: the long-tail mix packed and unpacked holds the same tokens, with less padding packed."""
+    from bitune_jax.apps.bench import padding_bench
+
+    rows = padding_bench(quick=True)
+    assert {(r["data"], r["sort_window"], r["packing"]) for r in rows} == {
+        ("long_tail_lognormal", w, p) for w in (16, 1) for p in (False, True)}
+    for w in (16, 1):
+        plain, packed = ([r for r in rows if r["sort_window"] == w and r["packing"] == p][0] for p in (False, True))
+        assert plain["real_tokens"] == packed["real_tokens"] > 0 and plain["batches"] == packed["batches"] == 40
+        assert 0 < packed["padding_fraction"] < plain["padding_fraction"] < 1
+        assert packed["rows_per_batch"] < plain["rows_per_batch"] == 10
+        json.dumps(plain), json.dumps(packed)

@@ -12,7 +12,8 @@ from bitune_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "bitune_jax")
-SUBCOMMANDS = ["train", "export-adapters", "score", "eval", "generate", "demo", "bench", "lm-eval"]
+SUBCOMMANDS = ["train", "export-adapters", "score", "eval", "generate", "demo", "bench", "compile", "lm-eval",
+               "paper"]
 
 
 def _run_cli(*args):
@@ -134,3 +135,16 @@ def test_argparse_lives_in_the_cli_package_only():
                                          or "Namespace" in open(path, encoding="utf-8").read()):
                 offenders.append(os.path.relpath(path, ROOT))
     assert offenders == []
+
+
+def test_overrides_may_follow_options():
+    # argparse (before 3.12) stops filling `overrides` at the first option; main() appends the trailing ones.
+    parser = cli.build_parser()
+    args = cli._parse(parser, ["compile", "run.yaml", "a.b=1", "--topology", "v5e:2x2", "c.d=2", "e=3"])
+    assert (args.config, args.topology, args.overrides) == ("run.yaml", "v5e:2x2", ["a.b=1", "c.d=2", "e=3"])
+    args = cli._parse(parser, ["train", "run.yaml", "--break-lock", "optim.lr=1e-3"])
+    assert args.break_lock and args.overrides == ["optim.lr=1e-3"]
+    with pytest.raises(cli.UsageError, match="unrecognized arguments: optim.lr=1e-3 --nope"):
+        cli._parse(parser, ["train", "run.yaml", "--break-lock", "optim.lr=1e-3", "--nope"])
+    with pytest.raises(cli.UsageError, match="unrecognized arguments: stray"):
+        cli._parse(parser, ["train", "run.yaml", "--break-lock", "stray"])

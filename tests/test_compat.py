@@ -1,10 +1,13 @@
-"""Files written by the previous release (tests/fixtures/compat_v0_1) keep loading and continue bitwise.
+"""Files written by the previous release (tests/fixtures/compat_v0_1) keep loading and continue.
 
 The fixture holds a 6-step training run of release 0.1 (checkpoints at steps
 3 and 6), the adapters it exported at step 6, and the scores ``bitune-jax
 score`` gave with them. Resuming the step-3 checkpoint with this code must
-reproduce the old run's steps 4-6 exactly (losses in metrics.jsonl and the
-exported adapter tensors), and the old export must score exactly as before.
+reproduce the old run's steps 4-6 (losses in metrics.jsonl and the exported
+adapter tensors), and the old export must score as before, to float32
+rounding: the layer loop's packed streams and the CPU attention kernel
+(``blocked``) order some sums differently than release 0.1 did, which moves
+the last bits (about 3e-8 on adapters of size 0.1 after three steps).
 """
 import json
 import os
@@ -18,6 +21,7 @@ from safetensors.numpy import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "compat_v0_1")
+ROUNDING = 1e-6  # relative: float32 rounding of a few differently ordered sums, never a changed result
 
 
 def _run(cwd, *args):
@@ -37,7 +41,7 @@ def _losses(path):
 
 
 @pytest.mark.slow
-def test_old_checkpoint_resumes_and_old_adapters_score_bitwise(tmp_path):
+def test_old_checkpoint_resumes_and_old_adapters_score_as_before(tmp_path):
     work = tmp_path / "compat"
     shutil.copytree(FIXTURE, work)
     shutil.rmtree(work / "run" / "checkpoints" / "6")  # continue from the old step-3 checkpoint
@@ -48,16 +52,18 @@ def test_old_checkpoint_resumes_and_old_adapters_score_bitwise(tmp_path):
     new_losses = _losses(work / "run" / "metrics.jsonl")
     assert set(old_losses) == {1, 2, 3, 4, 5, 6}
     for step in (4, 5, 6):
-        assert new_losses[step] == old_losses[step], (step, new_losses[step], old_losses[step])
+        assert abs(new_losses[step] - old_losses[step]) <= ROUNDING * abs(old_losses[step]), (
+            step, new_losses[step], old_losses[step])
 
     _run(work, "export-adapters", "run", "adapters_new")
     for rel in ("causal/adapter_model.safetensors", "bidirectional/adapter_model.safetensors", "mixing.safetensors"):
         old, new = load_file(os.path.join(FIXTURE, "adapters", rel)), load_file(str(work / "adapters_new" / rel))
         assert set(old) == set(new), rel
         for key in old:
-            np.testing.assert_array_equal(new[key], old[key], err_msg=f"{rel}:{key}")
+            np.testing.assert_allclose(new[key], old[key], rtol=0, atol=ROUNDING * np.abs(old[key]).max(),
+                                       err_msg=f"{rel}:{key}")
 
-    # The release-0.1 export scores exactly as release 0.1 scored it.
+    # The release-0.1 export scores as release 0.1 scored it.
     _run(work, "score", "--model", "model", "--adapters", os.path.join(FIXTURE, "adapters"),
          "--data", "score_in.jsonl", "--out", "scored.jsonl", "--quiet")
     with open(os.path.join(FIXTURE, "score_expected.jsonl")) as f:
@@ -65,4 +71,4 @@ def test_old_checkpoint_resumes_and_old_adapters_score_bitwise(tmp_path):
     with open(work / "scored.jsonl") as f:
         got = [json.loads(line) for line in f]
     assert [r["num_tokens"] for r in got] == [r["num_tokens"] for r in expected]
-    assert [r["nll_sum"] for r in got] == [r["nll_sum"] for r in expected]
+    np.testing.assert_allclose([r["nll_sum"] for r in got], [r["nll_sum"] for r in expected], rtol=ROUNDING)

@@ -245,6 +245,7 @@ def test_config_saved_by_the_previous_release_loads():
 NON_DEFAULT = {
     "method.variant": ("only_causal", "only_causal"),
     "method.theta_init": ("0.05", 0.05),
+    "method.alpha_init": ("[0.25, 0]", (0.25, 0.0)),
     "method.peft.method": ("dora", "dora"),
     "method.peft.rank": ("3", 3),
     "method.peft.alpha": ("2.5", 2.5),
@@ -356,6 +357,8 @@ def test_every_library_field_is_settable_from_yaml_and_reaches_the_step(key):
             "variant": lambda: sorted(trainable) == ["bidir", "causal", "mix"] and method.prompt_streams == (
                 (True, "causal"), (True, "bidir")),
             "theta_init": lambda: np.allclose(np.asarray(trainable["mix"]["theta_k"]), 0.05),
+            "alpha_init": lambda: np.allclose(np.asarray(bitune.mix_alpha(trainable["mix"]["theta_v"], 0.01)),
+                                              [0.25, 0.0], atol=1e-6),
             "peft.method": lambda: "magnitude" in a,
             "peft.rank": lambda: a["lora_a"].shape[-1] == 3,
             "peft.alpha": lambda: method.peft.scaling == 2.5 / 8,

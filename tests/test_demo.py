@@ -1,7 +1,7 @@
-"""``bitune-jax demo``: the data split, the report helpers, and a reduced end-to-end run on the real model.
+"""``bitune-jax demo``: the data split, arms and seeds, the summary with intervals, and a reduced end-to-end run.
 
-The end-to-end test runs the command's ``--quick`` path with fewer steps and
-items (same real SmolLM2-135M model, same real data, two tasks) in a
+The end-to-end test runs ``demo --quick --seeds 2`` with fewer steps and
+items (same real SmolLM2-135M model, same real data, one task) in a
 subprocess with one CPU device, as a user would run it.
 """
 import json
@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from bitune_jax.apps import demo
@@ -18,6 +17,7 @@ from bitune_jax.data import demo_data
 
 from bitune_jax.data import tasks
 from bitune_jax.config import config_to_dict
+from bitune_jax.evaluation.stats import Interval, verdict
 from hf_utils import FAST_COMPILE
 
 
@@ -72,76 +72,127 @@ def test_build_data_leaves_long_prompts_out_of_both_splits(tmp_path):
     assert any("Context: " in it.context for it in full["eval"]["sciq_support"])
 
 
-def test_runs_differ_in_variant_and_output_dir_only(tmp_path):
+def test_runs_differ_in_the_arm_keys_and_output_dir_only(tmp_path):
     for preset in demo.PRESETS.values():
         path = os.path.join(demo.CONFIG_DIR, preset["config"])
-        cfgs = {v: config_to_dict(demo._run_config(path, v, str(tmp_path / v), "t.jsonl", ["train.steps=3"]))
-                for v in ("lora", "bitune")}
-        diff = {(s, k) for s in cfgs["lora"] for k in cfgs["lora"][s] if cfgs["lora"][s][k] != cfgs["bitune"][s][k]}
-        assert diff == {("method", "variant"), ("train", "output_dir")}
-        assert cfgs["lora"]["train"]["steps"] == 3 and cfgs["lora"]["data"]["train"]["path"] == "t.jsonl"
+
+        def cfg(arm, seed):
+            return config_to_dict(demo._run_config(path, demo.ARMS[arm], str(tmp_path / f"{arm}{seed}"), "t.jsonl",
+                                                   seed, ["train.steps=3", "train.seed=9"]))
+
+        def diff(a, b):
+            return {(s, k) for s in a for k in a[s] if a[s][k] != b[s][k]}
+
+        assert diff(cfg("lora", 1), cfg("bitune", 1)) == {("method", "variant"), ("train", "output_dir")}
+        assert diff(cfg("bitune", 1), cfg("bitune_alpha0", 1)) == {("method", "alpha_init"), ("train", "output_dir")}
+        assert diff(cfg("lora", 0), cfg("lora", 1)) == {("train", "seed"), ("data", "shuffle_seed"),
+                                                        ("train", "output_dir")}
+        c = cfg("bitune_alpha0", 2)
+        assert c["train"]["steps"] == 3 and c["data"]["train"]["path"] == "t.jsonl"
+        assert c["train"]["seed"] == c["data"]["shuffle_seed"] == 2 and c["method"]["alpha_init"] == 0.0
 
 
-def test_unknown_tasks_fail_before_any_work(tmp_path):
+def test_bad_tasks_arms_or_seeds_fail_before_any_work(tmp_path):
     for tasks_ in (("sciq", "mmlu"), ()):
         with pytest.raises(ValueError, match="allowed: sciq, sciq_support"):
             demo.run_demo(str(tmp_path / "out"), tasks=tasks_)
+    for arms in (("bitune",), ("lora", "bitnue"), ("lora", "base")):
+        with pytest.raises(ValueError, match="allowed: lora, bitune, bitune_alpha0"):
+            demo.run_demo(str(tmp_path / "out"), arms=arms)
+    for seeds in (0, [1, 1], [-1]):
+        with pytest.raises(ValueError, match="seeds"):
+            demo.run_demo(str(tmp_path / "out"), seeds=seeds)
     assert not (tmp_path / "out").exists()
+    assert demo.resolve_seeds(3) == [0, 1, 2] and demo.resolve_seeds([5, 2]) == [5, 2]
+    from bitune_jax.cli.demo import ARM_NAMES
+    assert ARM_NAMES == tuple(demo.ARMS)
 
 
-def test_paired_difference_and_table():
-    items = [tasks.MCItem("c", ["a", "b"], 0, str(i)) for i in range(4)]
-    lora = [{"pred": p, "pred_norm": p} for p in (0, 1, 1, 0)]
-    bit = [{"pred": p, "pred_norm": 0} for p in (0, 0, 1, 1)]
-    d = demo.paired_difference(lora, bit, items)
-    assert d["n"] == 4 and d["acc"] == 0.0 and d["acc_norm"] == pytest.approx(0.5)
-    assert d["acc_stderr"] == pytest.approx(np.std([0, 1, 0, -1], ddof=1) / 2)
-    m = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.4, "acc_norm_stderr": 0.1, "n": 4}
-    m2 = {"acc": 0.7, "acc_stderr": 0.2, "acc_norm": 0.6, "acc_norm_stderr": 0.2, "n": 4}
-    per_task = {"sciq": {"base": m, "lora": m, "bitune": m, "bitune_minus_lora": d},
-                "arc_challenge": {"base": m2, "lora": m2, "bitune": m2, "bitune_minus_lora": d}}
-    avg = demo.macro_average(per_task)
-    assert avg["n"] == 8 and avg["lora"]["acc"] == pytest.approx(0.6)
-    assert avg["lora"]["acc_stderr"] == pytest.approx(np.sqrt(0.1 ** 2 + 0.2 ** 2) / 2)
-    assert avg["bitune_minus_lora"]["acc_norm"] == pytest.approx(0.5)
-    table = demo.format_table({"tasks": per_task, "average": avg})
-    assert "sciq" in table and "0.500 ± 0.100" in table and "0.600 ± 0.112" in table
-    rows = table.splitlines()
-    assert rows[2].startswith("sciq ") and rows[-1].startswith("average ")
-    assert len({len(r) for r in rows if not r.startswith("-")}) == 1  # columns line up, long task names too
+def _rows(preds, items):
+    return [{"id": it.id, "gold": it.gold, "pred": p, "pred_norm": 0} for p, it in zip(preds, items)]
+
+
+def test_summary_table_and_verdicts():
+    sciq = [tasks.MCItem("c", ["a", "b"], g, f"s{i}") for i, g in enumerate((0, 1, 1, 0))]
+    arc = [tasks.MCItem("c", ["a", "b", "c"], g, f"a{i}") for i, g in enumerate((2, 0))]
+    items = {"sciq": sciq, "arc_challenge": arc}
+    rows = {"sciq": {"base": [_rows((0, 0, 0, 0), sciq)],                         # 2/4 right
+                     "lora": [_rows((1, 1, 1, 0), sciq), _rows((0, 0, 1, 0), sciq)],   # 3/4, 3/4
+                     "bitune": [_rows((0, 1, 1, 0), sciq), _rows((0, 1, 1, 0), sciq)]},  # 4/4, 4/4
+            "arc_challenge": {"base": [_rows((0, 0), arc)],                       # 1/2
+                              "lora": [_rows((2, 1), arc), _rows((1, 1), arc)],  # 1/2, 0/2
+                              "bitune": [_rows((2, 0), arc), _rows((2, 1), arc)]}}  # 2/2, 1/2
+    s = demo.summarize(rows, items, n_boot=2000)
+    t = s["tasks"]
+    assert t["sciq"]["base"]["acc"] == 0.5 and t["sciq"]["base"]["seeds"] == 1 and t["sciq"]["base"]["n"] == 4
+    assert t["sciq"]["lora"]["acc"] == 0.75 and t["sciq"]["lora"]["acc_per_seed"] == [0.75, 0.75]
+    assert t["sciq"]["bitune_minus_lora"]["acc"] == 0.25 and t["sciq"]["bitune_minus_lora"]["seeds"] == 2
+    assert t["arc_challenge"]["lora"]["acc"] == 0.25 and t["arc_challenge"]["bitune"]["acc"] == 0.75
+    assert t["sciq"]["lora"]["acc_norm"] == 0.5  # pred_norm 0 is right on items 0 and 3
+    avg = s["average"]
+    assert avg["bitune_minus_lora"]["acc"] == pytest.approx((0.25 + 0.5) / 2) and avg["lora"]["n"] == 6
+    assert s["per_seed"]["lora"] == [pytest.approx((0.75 + 0.5) / 2), pytest.approx((0.75 + 0) / 2)]
+    for per in list(t.values()) + [avg]:
+        for stats in per.values():
+            for key in ("acc", "acc_norm"):
+                assert stats[key + "_low"] <= stats[key] <= stats[key + "_high"]
+    assert set(s["verdicts"]) == {"bitune"}
+    d = avg["bitune_minus_lora"]
+    assert s["verdicts"]["bitune"] == verdict(Interval(0.375, d["acc_low"], d["acc_high"]),
+                                              context="acc, mean over 2 tasks, 2 seeds, 6 held-out items")
+
+    table = demo.format_table(s)
+    lines = table.splitlines()
+    assert lines[0].split() == ["task", "n", "metric", "base", "lora", "bitune", "bitune", "-", "lora"]
+    assert lines[2].startswith("sciq ") and lines[-2].startswith("average ")
+    assert f"+37.5 [{100 * d['acc_low']:+.1f}, {100 * d['acc_high']:+.1f}]" in lines[-2]
+    assert lines[2].split()[3:6] == ["50.0", "75.0", "100.0"]
+    assert len({len(r) for r in lines if not r.startswith("-")}) == 1  # columns line up
 
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_demo_quick_end_to_end(tmp_path):
-    """The --quick path, reduced (3 steps, 8 items of 2 of its tasks): both runs train, all three are evaluated."""
+def test_demo_quick_two_seeds_end_to_end(tmp_path):
+    """``demo --quick --seeds 2``, reduced (1 step, 4 SciQ items, one prompt shape): every run trains and is scored."""
     from bitune_jax.conversion.assets import SMOLLM2_INSTALL, smollm2_gguf_path
 
     if smollm2_gguf_path() is None:
         pytest.skip(f"SmolLM2 GGUF not installed ({SMOLLM2_INSTALL})")
     _needs_olmo_eval()
     out = tmp_path / "demo"
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one CPU device, as a user runs it (compiled more cheaply)
-    proc = subprocess.run([sys.executable, "-m", "bitune_jax.cli", "demo", "--quick", "--steps", "3",
-                           "--eval-items", "8", "--tasks", "sciq,arc_easy", "--out", str(out)],
+    # One CPU device, as a user runs it, compiled more cheaply; the second seed's runs reuse the first's compiled
+    # steps from JAX's persistent cache (the steps differ in their inputs only).
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    proc = subprocess.run([sys.executable, "-m", "bitune_jax.cli", "demo", "--quick", "--seeds", "2", "--steps", "1",
+                           "--eval-items", "4", "--tasks", "sciq", "--out", str(out), "data.bucket=64"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "bitune - lora" in proc.stdout and "sciq" in proc.stdout
+    assert "bitune - lora" in proc.stdout and "per seed (average acc, %): seed 0: lora" in proc.stdout
+    verdict_lines = [line for line in proc.stdout.splitlines() if "Bitune - LoRA = " in line]
+    assert len(verdict_lines) == 1 and verdict_lines[0].startswith(("Bitune beats", "LoRA beats", "Inconclusive"))
 
     results = json.loads((out / "results.json").read_text())
-    assert results["quick"] is True
-    assert set(results["tasks"]) == {"sciq", "arc_easy"}
-    for task, per in results["tasks"].items():
-        for name in ("base", "lora", "bitune"):
-            m = per[name]
-            assert m["n"] == 8 and 0.0 <= m["acc"] <= 1.0 and np.isfinite(m["acc_stderr"])
-            assert len(results["items"][task][name]) == 8
-        assert per["bitune_minus_lora"]["n"] == 8
-    for variant in ("lora", "bitune"):
-        run = results["runs"][variant]
-        assert run["status"] == "completed" and run["step"] == 3
-        assert os.path.isfile(run["plot"]) and os.path.isdir(run["adapters"])
-    assert os.path.isfile(os.path.join(results["runs"]["bitune"]["adapters"], "mixing.safetensors"))
-    assert len(results["alpha"]["alpha_k"]) == 30 and len(results["alpha"]["alpha_v"]) == 30
+    assert results["quick"] is True and results["seeds"] == [0, 1] and list(results["arms"]) == ["lora", "bitune"]
+    assert set(results["tasks"]) == {"sciq"}
+    per = results["tasks"]["sciq"]
+    for name in ("base", "lora", "bitune", "bitune_minus_lora"):
+        assert per[name]["n"] == 4 and per[name]["acc_low"] <= per[name]["acc"] <= per[name]["acc_high"]
+    assert per["lora"]["seeds"] == 2 and len(per["lora"]["acc_per_seed"]) == 2
+    items = results["items"]["sciq"]
+    assert len(items["base"]) == 4
+    for arm in ("lora", "bitune"):
+        assert set(items[arm]) == {"0", "1"}
+        for seed in ("0", "1"):
+            rows = items[arm][seed]
+            assert len(rows) == 4 and all(len(r["loglikelihoods"]) == 4 for r in rows)
+            run = results["runs"][arm][seed]
+            assert run["status"] == "completed" and run["step"] == 1
+            assert os.path.isfile(run["plot"]) and os.path.isdir(run["adapters"])
+            assert run["output_dir"] == str(out / f"seed{seed}" / arm)
+        cfg0 = results["config"]["resolved"][arm]
+        assert cfg0["train"]["seed"] == cfg0["data"]["shuffle_seed"] == 0 and cfg0["train"]["steps"] == 1
+    # Different seeds train different adapters: their log-likelihoods differ.
+    assert items["lora"]["0"][0]["loglikelihoods"] != items["lora"]["1"][0]["loglikelihoods"]
+    assert set(results["alpha"]) == {"bitune"} and len(results["alpha"]["bitune"]["1"]["alpha_k"]) == 30
     assert os.path.isfile(results["files"]["comparison_png"])
-    assert results["config"]["resolved"]["train"]["steps"] == 3

@@ -258,7 +258,12 @@ def test_grad_accumulation_equals_one_big_batch(files, tmp_path, xla_optimized):
     a, b = _state(str(tmp_path / "big"), 1), _state(str(tmp_path / "acc"), 1)
     assert sorted(a) == sorted(b)
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+        # Adam's first step moves a parameter by lr * g / (|g| + eps): for a gradient near eps (some are 5e-8
+        # next to 4e-4 here) the float32 rounding of g, which accumulation sums in another order, is magnified
+        # to ~1e-6 of the step. The moments (the gradients themselves) are held to 1e-6, the parameters to
+        # 0.1% of the lr=1e-2 step.
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5 if k.startswith("['trainable']") else 1e-6,
+                                   err_msg=k)
     assert _json_item(str(tmp_path / "big"), 1, "data") == {"next_index": 1}
     assert _json_item(str(tmp_path / "acc"), 1, "data") == {"next_index": 2}
 

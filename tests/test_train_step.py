@@ -107,9 +107,9 @@ def test_remat_policies_give_same_gradients():
     base, m, _, state = _setup()
     batch = _batch()
     grads = {}
-    for policy in ("none", "full", "dots"):
+    for policy in ("none", "full", "dots", "projections"):
         g = jax.jit(jax.grad(lambda t: bitune.loss_fn(t, base, CFG, m, batch, remat=policy)[0]))(state.trainable)
         grads[policy] = g
-    for policy in ("full", "dots"):
+    for policy in ("full", "dots", "projections"):
         d = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), grads["none"], grads[policy])
         assert max(jax.tree_util.tree_leaves(d)) <= 1e-6

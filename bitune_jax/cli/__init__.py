@@ -15,7 +15,8 @@ missing from the list.
 Expected failures (bad files, bad configs, unsupported models, missing
 packages, unwritable outputs; :data:`bitune_jax.errors.USER_ERRORS`) and bad
 command-line arguments print one ``error:`` line and exit with status 2;
-``BITUNE_DEBUG=1`` shows the traceback instead.
+``BITUNE_DEBUG=1`` shows the traceback instead. A ``run`` may return its own
+exit status (``compile``: 3 when the train step does not fit in HBM).
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ COMMANDS = {
     "generate": "generate",
     "demo": "demo",
     "bench": "bench",
+    "compile": "compile",
     "lm-eval": "lm_eval",
+    "paper": "paper",
 }
 
 
@@ -75,10 +78,11 @@ def main(argv=None) -> int:
     from bitune_jax.errors import USER_ERRORS
 
     _quiet_abandoned_async_reads()
+    _cpu_only_host_skips_tpu_probe()
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
-        args._run(args)
+        args = _parse(parser, argv)
+        status = args._run(args)
     except (CommandImportError, UsageError) + USER_ERRORS as e:
         if os.environ.get("BITUNE_DEBUG"):
             raise
@@ -87,7 +91,68 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
+
+
+def _parse(parser, argv):
+    """``parser.parse_args(argv)``, except that ``key=value`` overrides may also follow options.
+
+    argparse (before Python 3.12) stops filling a ``nargs="*"`` positional at
+    the first option, so ``compile CONFIG --topology v5e:2x2 data.batch_size=8``
+    would reject the override; such trailing arguments are appended to
+    ``overrides`` instead (in the order given). Anything else left over is an
+    error, as in ``parse_args``.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in a and not a.startswith("-")
+                                                                       for a in extra):
+            args.overrides = args.overrides + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+# What JAX itself looks at to find accelerators (NVIDIA and AMD device files; TPU chips on the PCI bus under
+# Google's vendor id), plus the device files TPU runtimes open. Any Google PCI device counts, to err on the side of
+# leaving JAX's own choice alone.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def _accelerator_attached() -> bool:
+    """Whether this host shows a TPU chip or a GPU (or we cannot tell)."""
+    import glob
+
+    if any(os.path.exists(p) for p in _GPU_DEVICE_FILES) or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            return True
+    return False
+
+
+def _cpu_only_host_skips_tpu_probe() -> None:
+    """On a host without accelerators, runs JAX on the CPU without first trying a TPU.
+
+    With the ``tpu`` extra installed (libtpu, for ``bitune-jax compile``),
+    JAX's first computation tries a TPU backend even where none is attached:
+    it loads the 700 MB library (a few seconds and ~250 MB more memory) and
+    libtpu prints warnings about missing TPU workers. When ``JAX_PLATFORMS``
+    is unset, libtpu installed and no TPU chip or GPU attached, commands run
+    with ``JAX_PLATFORMS=cpu``, the backend JAX would have ended up with.
+    """
+    if "JAX_PLATFORMS" in os.environ or "jax" in sys.modules:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None or _accelerator_attached():
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _one_line(e: BaseException) -> str:

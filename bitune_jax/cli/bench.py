@@ -1,5 +1,6 @@
 """Speed and memory benchmarks, one JSON object per line: the train step of Bitune against plain LoRA,
-shared-prefix against naive multiple-choice scoring, decoding speed. On CPU only ratios mean anything."""
+shared-prefix against naive multiple-choice scoring, decoding speed, padding with and without packing. On CPU only
+ratios mean anything."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ def add_arguments(p) -> None:
                    help="train-step PROMPT+ANSWER pairs, comma-separated (default 192+64,448+64,64+64; "
                         "with --quick 24+8,48+8)")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions per setting")
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    p.add_argument("--only", help="comma-separated subset of train,mc_eval,decode (default: all)")
+    p.add_argument("--remat", default="projections", choices=["none", "full", "dots", "projections"],
+                   help="rematerialisation of the train step (default: train.remat's default, projections)")
+    p.add_argument("--only", help="comma-separated subset of train,mc_eval,decode,padding (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny random model and short lengths (CI)")
     add_attention_flag(p)
 

@@ -5,15 +5,15 @@ import argparse
 
 # The implementations of bitune_jax.model.attention.IMPLEMENTATIONS, spelled out here so that
 # `bitune-jax --help` does not import JAX (tests/test_cli.py checks the two lists agree).
-ATTENTION_CHOICES = ("reference", "blocked", "xla", "cudnn", "auto")
+ATTENTION_CHOICES = ("reference", "blocked", "xla", "cudnn", "splash", "auto")
 
 
 def add_attention_flag(p) -> None:
     """``--attention``: the attention implementation of every layer (default ``auto``)."""
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="attention implementation: auto (cuDNN on GPU, XLA on TPU, the reference on CPU), "
+                   help="attention implementation: auto (splash on TPU, cuDNN on GPU, blocked on CPU), "
                         "reference (dense), blocked (online softmax, recomputed in the backward pass), xla, "
-                        "cudnn (GPU only)")
+                        "cudnn (GPU only), splash (Pallas TPU kernel; TPU only)")
 
 
 def positive_int(text: str) -> int:

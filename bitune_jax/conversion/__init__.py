@@ -26,7 +26,8 @@ from bitune_jax.conversion.common import PICKLE_SUFFIXES, ModelFileError
 from bitune_jax.model.config import ModelConfig
 from bitune_jax.conversion.families import UnsupportedModelError
 
-__all__ = ["LoadedModel", "load_model", "load_tokenizer", "ModelFileError", "UnsupportedModelError"]
+__all__ = ["LoadedModel", "load_model", "load_model_config", "load_tokenizer", "ModelFileError",
+           "UnsupportedModelError"]
 
 
 @dataclasses.dataclass
@@ -56,6 +57,38 @@ def load_tokenizer(src: str):
 
         return gguf_tokenizer(src)  # converted once per file, then read from a cache
     return AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+
+
+def load_model_config(src: str, dtype: str = "float32") -> ModelConfig:
+    """The architecture of a model source, read without its weights.
+
+    ``src`` is what :func:`load_model` takes. Of an HF folder only
+    ``config.json`` is read, so a folder holding nothing else describes a
+    model too (``configs/models/`` ships Gemma-2B and Llama-3-8B this way, for
+    ``bitune-jax compile``); of a ``.gguf`` file only the metadata.
+
+    >>> import json, os, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with open(os.path.join(folder, "config.json"), "w") as f:
+    ...     json.dump({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+    ...                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, f)
+    >>> cfg = load_model_config(folder, dtype="bfloat16")
+    >>> cfg.family, cfg.num_layers, cfg.head_dim, cfg.dtype
+    ('llama', 2, 8, 'bfloat16')
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}; allowed: float32, bfloat16")
+    from bitune_jax.conversion.families import config_from_hf
+
+    if src.endswith(".gguf"):
+        from bitune_jax.conversion.gguf import _open, gguf_hf_config
+
+        return config_from_hf(gguf_hf_config(_open(src), src), source=src).replace(dtype=dtype)
+    if os.path.isdir(src):
+        from bitune_jax.conversion.hf import read_hf_config
+
+        return config_from_hf(read_hf_config(src), source=os.path.join(src, "config.json")).replace(dtype=dtype)
+    raise ModelFileError(f"model source {src!r} is neither a directory with a config.json nor a .gguf file")
 
 
 def load_model(src: str, dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:

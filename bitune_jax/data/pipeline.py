@@ -39,7 +39,11 @@ The batch format the train step consumes (:func:`collate`)::
     answer_len  int32 [B]     >= 1
 
 with ``P`` and ``A`` multiples of ``data.bucket``, or ``data.max_prompt_len`` /
-``data.max_answer_len`` when rounding up would pass them.
+``data.max_answer_len`` when rounding up would pass them. With
+``data.packing`` a batch holds the same examples packed several to a row
+(:func:`pack`): the prefill spans in ``pre_ids/pre_pos/pre_seg [R, S]``, the
+answer-stream tokens in ``ans_ids/ans_pos/ans_seg/targets [R, A]``, segment
+ids telling the examples of a row apart.
 
 Example:
 
@@ -60,6 +64,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import grain
 import numpy as np
 
+from bitune_jax import bitune
 from bitune_jax.data import text
 from bitune_jax.config import DataSection, DataSource
 
@@ -97,8 +102,9 @@ class DataStats:
     """What encoding did to the rows of one source.
 
     ``kept_rows[i]`` is the row number of example ``i``; ``problems`` holds
-    the first few bad-row messages for the log; ``longest_prompt`` and
-    ``longest_answer`` are token counts before ``data.overlong`` applies.
+    the first few bad-row messages for the log; ``longest_prompt``,
+    ``longest_answer`` and ``longest_total`` (prompt + answer) are token
+    counts before ``data.overlong`` applies.
     """
 
     source: str = ""
@@ -112,6 +118,7 @@ class DataStats:
     overlong_dropped: int = 0
     longest_prompt: int = 0
     longest_answer: int = 0
+    longest_total: int = 0
     kept_rows: List[int] = dataclasses.field(default_factory=list)
     problems: List[str] = dataclasses.field(default_factory=list)
 
@@ -138,7 +145,10 @@ class DataStats:
                   for name, limit, what, longest in (("max_prompt_len", data_cfg.max_prompt_len, "prompt",
                                                       self.longest_prompt),
                                                      ("max_answer_len", data_cfg.max_answer_len, "answer",
-                                                      self.longest_answer)) if longest > limit]
+                                                      self.longest_answer),
+                                                     ("max_len", data_cfg.max_len, "prompt + answer",
+                                                      self.longest_total))
+                  if limit is not None and longest > limit]
         overlong = (f"exceed {' or '.join(limits)} and data.overlong=drop drops them; raise the limit or set "
                     "data.overlong=truncate")
         bad = ", ".join(f"{k}={getattr(self, k)}" for k in BAD_ROW_KINDS if getattr(self, k))
@@ -345,18 +355,45 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def _fit(prompt_ids: List[int], answer_ids: List[int], data_cfg: DataSection, bos_id: Optional[int]):
-    """Applies ``data.overlong``; returns the ids, or None when the example is dropped."""
-    P, A = data_cfg.max_prompt_len, data_cfg.max_answer_len
-    if len(prompt_ids) <= P and len(answer_ids) <= A:
+    """Applies ``data.overlong``; returns the ids, or None when the example is dropped.
+
+    ``truncate``: the prompt keeps BOS and its last tokens, the answer its
+    first tokens, to the separate caps; then, over ``data.max_len``, the
+    answer loses its end (as the reference's truncation of the joined
+    sequence), or, for a prompt of ``max_len`` tokens or more, the answer
+    keeps one token and the prompt its BOS and last ``max_len - 1`` tokens.
+
+    >>> cfg = DataSection(max_prompt_len=6, max_answer_len=4, max_len=7)
+    >>> _fit([1, 5, 6, 7], [8, 9, 2], cfg, bos_id=1)  # 7 tokens: fits
+    ([1, 5, 6, 7], [8, 9, 2], False)
+    >>> _fit([1, 5, 6, 7, 3], [8, 9, 2], cfg, bos_id=1)  # 8: the answer's end goes
+    ([1, 5, 6, 7, 3], [8, 9], True)
+    >>> _fit([1, 3, 4, 5, 6, 7, 9, 9], [8, 2], cfg, bos_id=1)  # prompt cap, then the total
+    ([1, 5, 6, 7, 9, 9], [8], True)
+    >>> _fit([1, 5, 6, 7, 3], [8, 9, 2], dataclasses.replace(cfg, overlong="drop"), bos_id=1) is None
+    True
+    """
+    P, A, T = data_cfg.max_prompt_len, data_cfg.max_answer_len, data_cfg.max_len
+    if len(prompt_ids) <= P and len(answer_ids) <= A and (T is None or len(prompt_ids) + len(answer_ids) <= T):
         return prompt_ids, answer_ids, False
     if data_cfg.overlong == "drop":
         return None
-    if len(prompt_ids) > P:
-        if bos_id is not None and prompt_ids[0] == bos_id and P > 1:
-            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - (P - 1):]
+    prompt_ids, answer_ids = _keep_prompt_end(prompt_ids, P, bos_id), answer_ids[:A]
+    if T is not None and len(prompt_ids) + len(answer_ids) > T:
+        if len(prompt_ids) < T:
+            answer_ids = answer_ids[:T - len(prompt_ids)]
         else:
-            prompt_ids = prompt_ids[len(prompt_ids) - P:]
-    return prompt_ids, answer_ids[:A], True
+            prompt_ids, answer_ids = _keep_prompt_end(prompt_ids, T - 1, bos_id), answer_ids[:1]
+    return prompt_ids, answer_ids, True
+
+
+def _keep_prompt_end(prompt_ids: List[int], n: int, bos_id: Optional[int]) -> List[int]:
+    """At most ``n`` prompt tokens: a leading BOS and the last ones."""
+    if len(prompt_ids) <= n:
+        return prompt_ids
+    if bos_id is not None and prompt_ids[0] == bos_id and n > 1:
+        return prompt_ids[:1] + prompt_ids[len(prompt_ids) - (n - 1):]
+    return prompt_ids[len(prompt_ids) - n:]
 
 
 def encode_examples(tokenizer, rows: Sequence[Union[RawRow, Mapping[str, Any]]], data_cfg: DataSection, *,
@@ -394,6 +431,7 @@ def encode_examples(tokenizer, rows: Sequence[Union[RawRow, Mapping[str, Any]]],
                 raise _BadRow("empty_prompt", "the prompt has no tokens")
             stats.longest_prompt = max(stats.longest_prompt, len(prompt_ids))
             stats.longest_answer = max(stats.longest_answer, len(answer_ids))
+            stats.longest_total = max(stats.longest_total, len(prompt_ids) + len(answer_ids))
         except _BadRow as bad:
             message = f"{row.where}: {bad.kind}: {bad}"
             if data_cfg.bad_rows == "error":
@@ -482,6 +520,205 @@ def collate(examples: Sequence[Sequence], bucket: int = 1,
     return {"prompt_ids": prompt_ids, "prompt_len": prompt_len, "answer_ids": answer_ids, "answer_len": answer_len}
 
 
+# ----------------------------------------------------------------------------
+# Packing: several examples per row
+# ----------------------------------------------------------------------------
+
+
+def pack_capacity(data_cfg: DataSection) -> Tuple[int, int]:
+    """(prefill-span, answer-stream) tokens one packed row may hold under ``data_cfg``.
+
+    What the longest example allowed needs: ``max_prompt_len - 1`` prefill
+    and ``max_answer_len`` answer tokens (each at most ``max_len - 1`` when
+    ``max_len`` is set).
+
+    >>> pack_capacity(DataSection(max_prompt_len=448, max_answer_len=64, bucket=32))
+    (447, 64)
+    """
+    P, A = data_cfg.max_prompt_len, data_cfg.max_answer_len
+    if data_cfg.max_len is not None:
+        P, A = min(P, data_cfg.max_len - 1), min(A, data_cfg.max_len - 1)
+    return P - 1, A
+
+
+def pack_rows(lengths: Sequence[Sequence[int]], capacity: Tuple[int, int]) -> List[List[int]]:
+    """Which examples share a row: a list of rows, each the indices of its examples in order.
+
+    ``lengths`` are ``(prompt_len, answer_len)`` pairs; example ``i`` needs
+    ``prompt_len - 1`` prefill-span and ``answer_len`` answer-stream tokens.
+    First fit, longest prefill span first (ties: longer answer, then lower
+    index): each example goes into the first row where both still fit, else
+    into a new row. A row's examples keep the order of ``lengths``, rows are
+    ordered by their first example, and the capacity grows to the longest
+    example if needed. A pure function of its arguments.
+
+    >>> pack_rows([(3, 2), (5, 1), (2, 2), (4, 3)], capacity=(6, 5))
+    [[0, 1], [2, 3]]
+    """
+    need = [(int(p) - 1, int(a)) for p, a in lengths]
+    cap_s = max([capacity[0]] + [s for s, _ in need])
+    cap_a = max([capacity[1]] + [a for _, a in need])
+    rows: List[List[int]] = []
+    fill: List[List[int]] = []
+    for i in sorted(range(len(need)), key=lambda i: (-need[i][0], -need[i][1], i)):
+        s, a = need[i]
+        for r, (fs, fa) in enumerate(fill):
+            if fs + s <= cap_s and fa + a <= cap_a:
+                rows[r].append(i)
+                fill[r] = [fs + s, fa + a]
+                break
+        else:
+            rows.append([i])
+            fill.append([s, a])
+    return sorted(sorted(r) for r in rows)
+
+
+def _row_widths(lengths: np.ndarray, rows: Sequence[Sequence[int]]) -> Tuple[int, int]:
+    """Longest (prefill span, answer stream) of the rows."""
+    return (max(int(sum(lengths[i, 0] - 1 for i in r)) for r in rows),
+            max(int(sum(lengths[i, 1] for i in r)) for r in rows))
+
+
+def _width(fill: int, cap: int, bucket: int) -> int:
+    """A row width for ``fill`` tokens: rounded up to ``bucket`` but not past the capacity (as :func:`collate`)."""
+    return max(1, min(round_up(fill, bucket), max(cap, fill)))
+
+
+def plan_packing(shares: Sequence[np.ndarray], capacity: Tuple[int, int], bucket: int
+                 ) -> Tuple[List[List[List[int]]], Tuple[int, int, int]]:
+    """Row layouts of every process's share of a global batch and their common shape ``(R, S, A)``.
+
+    ``shares[p]`` holds the ``(prompt_len, answer_len)`` pairs of process
+    ``p``'s examples. The prefill width a row may fill is chosen among the
+    multiples of ``bucket`` from the longest example's prefill span up to
+    ``capacity[0]`` (answers up to ``capacity[1]``): the one whose layouts
+    (:func:`pack_rows`) need the fewest cells ``R * (S + A)``, the narrowest
+    among equals (attention costs grow with the square of the width). So a
+    batch of similar lengths stays about one example per row, as unpacked,
+    and a batch of mixed lengths fills rows with its short examples. Widths
+    are rounded up to ``bucket`` but not past the capacity. A pure function
+    of its arguments.
+
+    >>> layouts, shape = plan_packing([np.array([[9, 2], [3, 2], [3, 2], [2, 1]])], (12, 8), bucket=4)
+    >>> layouts, shape
+    ([[[0], [1, 2, 3]]], (2, 8, 8))
+    """
+    shares = [np.asarray(s, np.int64).reshape(-1, 2) for s in shares]
+    longest = max(int(s[:, 0].max()) - 1 for s in shares)
+    most = max(int((s[:, 0] - 1).sum()) for s in shares)  # all of a share's spans in one row
+    cap_s, cap_a = max(capacity[0], longest), capacity[1]
+    best = None
+    width = _width(longest, cap_s, bucket)
+    while True:
+        layouts = [pack_rows(s, (width, cap_a)) for s in shares]
+        widths = [_row_widths(s, rows) for s, rows in zip(shares, layouts)]
+        shape = (max(len(rows) for rows in layouts), _width(max(w[0] for w in widths), cap_s, bucket),
+                 _width(max(w[1] for w in widths), cap_a, bucket))
+        cost = shape[0] * (shape[1] + shape[2])
+        if best is None or cost < best[0]:
+            best = (cost, layouts, shape)
+        if width >= cap_s or width >= most:
+            return best[1], best[2]
+        width = _width(width + bucket, cap_s, bucket)
+
+
+def pack(examples: Sequence[Sequence], bucket: int = 1, capacity: Optional[Tuple[int, int]] = None,
+         rows: Optional[Sequence[Sequence[int]]] = None,
+         pad_to: Optional[Tuple[int, int, int]] = None) -> Dict[str, np.ndarray]:
+    """Lays ``(prompt_ids, answer_ids, ...)`` examples out several to a row: the packed batch format.
+
+    Example ``i`` with prompt ``x[0..L)`` and answer ``y[0..M)`` contributes
+    its prefill span ``x[0..L-1)`` (empty for a 1-token prompt) to its row of
+    the ``pre_*`` arrays and ``[x[L-1], y[0..M-1)]`` to the same row of the
+    ``ans_*`` arrays, both after the row's earlier examples, with positions
+    ``0..L-2`` and ``L-1..L+M-2`` and the segment id ``s`` (1 for a row's
+    first example, 2 for its second, ...; 0 on padding). :func:`bitune_jax.
+    bitune.loss_fn` gives such a batch the loss of the examples unpacked.
+
+    Args:
+      examples: sequences whose first two items are prompt and answer ids
+        (non-empty).
+      bucket: row widths are rounded up to a multiple of this.
+      capacity: (prefill, answer) tokens a row may hold; default: the
+        longest example's, rounded up to ``bucket``.
+      rows: the row layout (:func:`pack_rows`); default ``pack_rows(lengths,
+        capacity)``.
+      pad_to: explicit ``(rows, S, A)``, so every process's share of a global
+        batch (and every part of an accumulated step) has one shape.
+
+    Returns:
+      ``{"pre_ids", "pre_pos", "pre_seg": int32 [R, S], "ans_ids",
+      "ans_pos", "ans_seg", "targets": int32 [R, A]}`` (``targets`` are the
+      answer tokens ``y`` each answer-stream token predicts), zero-padded.
+
+    >>> b = pack([([1, 5, 6], [7, 2]), ([1], [8, 2]), ([1, 9], [3])], bucket=4, capacity=(4, 8))
+    >>> b["pre_ids"].tolist(), b["pre_seg"].tolist(), b["pre_pos"].tolist()
+    ([[1, 5, 1, 0]], [[1, 1, 3, 0]], [[0, 1, 0, 0]])
+    >>> b["ans_ids"].tolist(), b["ans_seg"].tolist(), b["ans_pos"].tolist(), b["targets"].tolist()
+    ([[6, 7, 1, 8, 9, 0, 0, 0]], [[1, 1, 2, 2, 3, 0, 0, 0]], [[2, 3, 0, 1, 1, 0, 0, 0]], [[7, 2, 8, 2, 3, 0, 0, 0]])
+    """
+    lengths = np.asarray([(len(e[0]), len(e[1])) for e in examples], np.int64).reshape(-1, 2)
+    if len(examples) == 0 or lengths.min() < 1:
+        raise ValueError("pack needs at least one example, each with >= 1 prompt and >= 1 answer token")
+    if capacity is None:
+        capacity = (round_up(int(lengths[:, 0].max()) - 1, bucket), round_up(int(lengths[:, 1].max()), bucket))
+    if rows is None:
+        rows = pack_rows(lengths, capacity)
+    if sorted(i for r in rows for i in r) != list(range(len(examples))):
+        raise ValueError("pack: rows must hold every example exactly once")
+    s_need, a_need = _row_widths(lengths, rows)
+    if pad_to is None:
+        pad_to = (len(rows), round_up(s_need, bucket), round_up(a_need, bucket))
+    R, S, A = pad_to
+    if R < len(rows) or S < s_need or A < a_need:
+        raise ValueError(f"pad_to={tuple(pad_to)} is smaller than the packed rows ({len(rows)}, {s_need}, {a_need})")
+    out = {k: np.zeros((R, S), np.int32) for k in ("pre_ids", "pre_pos", "pre_seg")}
+    out.update({k: np.zeros((R, A), np.int32) for k in ("ans_ids", "ans_pos", "ans_seg", "targets")})
+    for r, members in enumerate(rows):
+        s_off = a_off = 0
+        for seg, i in enumerate(members, start=1):
+            x, y = np.asarray(examples[i][0]), np.asarray(examples[i][1])
+            L, M = len(x), len(y)
+            span = slice(s_off, s_off + L - 1)
+            out["pre_ids"][r, span] = x[:L - 1]
+            out["pre_pos"][r, span] = np.arange(L - 1)
+            out["pre_seg"][r, span] = seg
+            span = slice(a_off, a_off + M)
+            out["ans_ids"][r, span] = np.concatenate([x[L - 1:], y[:M - 1]])
+            out["ans_pos"][r, span] = np.arange(L - 1, L - 1 + M)
+            out["ans_seg"][r, span] = seg
+            out["targets"][r, span] = y
+            s_off, a_off = s_off + L - 1, a_off + M
+    return out
+
+
+def concat_packed(parts: Sequence[Mapping[str, np.ndarray]], row_multiple: int = 1) -> Dict[str, np.ndarray]:
+    """Packed batches padded to one shape (rows a multiple of ``row_multiple``) and concatenated.
+
+    Row ``k * R`` onwards is part ``k``, so splitting the result into
+    ``len(parts)`` equal row blocks gives the parts back (gradient
+    accumulation); added rows are all padding and count for nothing.
+    """
+    R = round_up(max(p["ans_seg"].shape[0] for p in parts), row_multiple)
+    S = max(p["pre_seg"].shape[1] for p in parts)
+    A = max(p["ans_seg"].shape[1] for p in parts)
+
+    def grow(x, width):
+        return np.pad(x, ((0, R - x.shape[0]), (0, width - x.shape[1])))
+
+    return {k: np.concatenate([grow(p[k], S if k.startswith("pre_") else A) for p in parts])
+            for k in bitune.PACKED_KEYS}
+
+
+def real_tokens(batch: Mapping[str, np.ndarray]) -> int:
+    """Prompt plus answer tokens of the examples of a batch (padded or packed format)."""
+    if bitune.is_packed(batch):
+        seg = np.asarray(batch["ans_seg"])
+        # A prompt of L tokens shows L - 1 in the prefill span and its last one in the answer stream.
+        return int((np.asarray(batch["pre_seg"]) > 0).sum() + (seg > 0).sum() + seg.max(axis=1).sum())
+    return int(np.sum(batch["prompt_len"]) + np.sum(batch["answer_len"]))
+
+
 class _LengthGroupedBatches(grain.MapDataset):
     """Global batches (arrays of example indices) of a stream of example indices.
 
@@ -537,15 +774,26 @@ class _LocalBatch:
     """Global batch of indices -> this process's padded share (a batch dict)."""
 
     def __init__(self, examples: Sequence[Example], lengths: np.ndarray, bucket: int, process_index: int,
-                 process_count: int, include_ids: bool, max_lens: Optional[Tuple[int, int]] = None):
+                 process_count: int, include_ids: bool, max_lens: Optional[Tuple[int, int]] = None,
+                 pack_capacity: Optional[Tuple[int, int]] = None):
         self._examples = examples
         self._lengths = lengths
         self._bucket = bucket
         self._max_lens = max_lens
         self._p, self._n = process_index, process_count
         self._include_ids = include_ids
+        self._pack_capacity = pack_capacity  # None: one padded row per example
+
+    def _packed(self, idx: np.ndarray) -> Dict[str, np.ndarray]:
+        # Every process lays out every share, so all agree on the row count and widths.
+        shares = np.array_split(idx, self._n)
+        layouts, pad_to = plan_packing([self._lengths[share] for share in shares], self._pack_capacity, self._bucket)
+        local = shares[self._p]
+        return pack([self._examples[i] for i in local], self._bucket, rows=layouts[self._p], pad_to=pad_to)
 
     def __call__(self, idx: np.ndarray) -> Dict[str, np.ndarray]:
+        if self._pack_capacity is not None:
+            return self._packed(idx)
         longest = [int(m) for m in self._lengths[idx].max(axis=0)]
         pad_to = tuple(round_up(m, self._bucket) for m in longest)
         if self._max_lens is not None:
@@ -576,19 +824,22 @@ def batch_dataset(examples: Sequence[Example], data_cfg: DataSection, *, train: 
     Args:
       examples: from :func:`encode_examples` / :func:`load_examples`.
       data_cfg: ``batch_size`` (global), ``bucket``, ``sort_window``,
-        ``shuffle_seed`` and ``num_epochs`` are used.
+        ``shuffle_seed``, ``num_epochs`` and ``packing`` are used.
       train: True shuffles (reshuffled every epoch) and repeats for
         ``num_epochs``; False keeps the source order (still length-grouped),
         one epoch, no shuffling, for evaluation.
       process_index, process_count: this process's shard; default
         ``jax.process_index()`` / ``jax.process_count()``.
-      include_ids: add ``example_id`` int32 [B_local] (index into ``examples``).
+      include_ids: add ``example_id`` int32 [B_local] (index into ``examples``);
+        not with ``data.packing``.
       source: where the examples came from, for error messages.
 
     Returns:
       A ``grain.MapDataset`` whose element ``i`` is batch ``i``; its length is
       ``epochs * (N // batch_size)`` (``sys.maxsize`` when repeating forever).
-      Each process yields ``batch_size / process_count`` rows per batch.
+      Each process yields ``batch_size / process_count`` rows per batch, or
+      with ``data.packing`` the same examples packed (:func:`pack`) into the
+      row count and widths of the process whose share needs the most.
     """
     p, n = _processes(process_index, process_count)
     B = data_cfg.batch_size
@@ -596,6 +847,9 @@ def batch_dataset(examples: Sequence[Example], data_cfg: DataSection, *, train: 
         raise DataError(f"data.batch_size={B} is not divisible by the {n} processes")
     if len(examples) < B:
         raise DataError(f"{source}: {len(examples)} examples are fewer than one batch (data.batch_size={B})")
+    if data_cfg.packing and include_ids:
+        raise DataError("data.packing=true gives packed rows without per-example ids; per-example "
+                        "evaluation and scoring need data.packing=false")
     lengths = np.asarray([(len(e[0]), len(e[1])) for e in examples], np.int64)  # [N, 2]
     stream = grain.MapDataset.range(len(examples))
     if train:
@@ -603,7 +857,10 @@ def batch_dataset(examples: Sequence[Example], data_cfg: DataSection, *, train: 
     batches = _LengthGroupedBatches(stream, len(examples), lengths, B, data_cfg.sort_window,
                                     data_cfg.shuffle_seed if train else None)
     max_lens = (data_cfg.max_prompt_len, data_cfg.max_answer_len)
-    return batches.map(_LocalBatch(examples, lengths, data_cfg.bucket, p, n, include_ids, max_lens))
+    if data_cfg.max_len is not None:  # every example has >= 1 token of each part
+        max_lens = tuple(min(m, data_cfg.max_len - 1) for m in max_lens)
+    capacity = pack_capacity(data_cfg) if data_cfg.packing else None
+    return batches.map(_LocalBatch(examples, lengths, data_cfg.bucket, p, n, include_ids, max_lens, capacity))
 
 
 def make_iterator(dataset: grain.MapDataset, num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:

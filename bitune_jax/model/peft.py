@@ -7,10 +7,12 @@ stacked over layers like the base weights it modifies::
     {"q_proj": {"lora_a": ..., "lora_b": ..., "magnitude": [L, out]}}   # DoRA
     {"k_proj": {"scale": [L, out]}, "down_proj": {"scale": [L, in]}}    # IA3
 
-The base weights never change; :func:`dense` applies the frozen kernel once to
-the concatenated tokens of every stream and then lets each stream apply its
-own adapter set. That is how Bitune runs the causal and bidirectional prefills
-with shared base matmuls but separate adapters.
+The base weights never change; :func:`dense_packed` applies the frozen kernel
+once to the tokens of every stream, packed in one array, and gives each token
+its own stream's adapter set (all sets' rank-r products in one pass, each
+token keeping its set's columns). That is how Bitune runs the causal and
+bidirectional prefills with shared base matmuls but separate adapters, without
+slicing streams out of the packed activations.
 
 Example:
 
@@ -33,6 +35,8 @@ from typing import Literal, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from bitune_jax import schema
 
@@ -140,42 +144,16 @@ def layer_slice(adapters, name):
     return adapters.get(name)
 
 
-def _adapter_pre(x, ad, name, peft_cfg):
-    if ad is not None and peft_cfg.method == "ia3" and name in IA3_FEEDFORWARD:
-        return x * ad["scale"].astype(x.dtype)
-    return x
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lora_delta(x, a, b, sel, scaling):
+    """``((x @ a) * sel) @ b * scaling`` with a hand-written backward pass (same math as autodiff).
 
-
-def _adapter_post(x, y_nobias, bias, kernel, ad, name, peft_cfg, dropout_rng):
-    """Output of one stream given its base matmul ``y_nobias = x @ kernel``."""
-    if ad is None:
-        return y_nobias if bias is None else y_nobias + bias
-    if peft_cfg.method == "ia3":
-        y = y_nobias if bias is None else y_nobias + bias
-        if name in IA3_FEEDFORWARD:
-            return y
-        return y * ad["scale"].astype(y.dtype)
-    xd = x
-    if peft_cfg.dropout > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - peft_cfg.dropout, x.shape)
-        xd = jnp.where(keep, x / (1.0 - peft_cfg.dropout), 0).astype(x.dtype)
-    a = ad["lora_a"].astype(x.dtype)
-    b = ad["lora_b"].astype(x.dtype)
-    delta = _lora_delta(xd, a, b, peft_cfg.scaling)
-    if peft_cfg.method == "lora":
-        y = y_nobias + delta
-    else:  # DoRA: magnitude / ||W + s B A|| (norm treated as a constant, as in the DoRA paper)
-        w = kernel.astype(jnp.float32) + peft_cfg.scaling * (
-            ad["lora_a"].astype(jnp.float32) @ ad["lora_b"].astype(jnp.float32))
-        norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))  # [out]
-        factor = (ad["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
-        y = (y_nobias + delta) * factor
-    return y if bias is None else y + bias
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _lora_delta(x, a, b, scaling):
-    """``(x @ a) @ b * scaling`` with a hand-written backward pass (same math as autodiff).
+    ``sel`` is None for one adapter set. For ``n`` sets, ``a`` ``[in, n*r]``
+    and ``b`` ``[n*r, out]`` hold them side by side and ``sel`` ``[T, n*r]``
+    (0/1, broadcast over leading axes) keeps for each token the rank-r columns
+    of its own set: a token's update is exactly its set's ``(x A) B`` (the
+    other columns add exact zeros), and each set's gradient sums over the
+    tokens that use it.
 
     Autodiff's weight gradients ``x^T g`` led XLA:CPU, inside the layer scan,
     to materialise a transposed copy of the large ``[tokens, features]``
@@ -183,24 +161,29 @@ def _lora_delta(x, a, b, scaling):
     on SmolLM2-135M). Computing each gradient as the transpose of the flipped
     product (a small ``[features, rank]`` transpose) avoids those copies.
     """
-    return (x @ a) @ b * jnp.asarray(scaling, x.dtype)
+    return _lora_delta_fwd(x, a, b, sel, scaling)[0]
 
 
-def _lora_delta_fwd(x, a, b, scaling):
+def _lora_delta_fwd(x, a, b, sel, scaling):
     h = x @ a
-    return h @ b * jnp.asarray(scaling, x.dtype), (x, a, b, h)
+    if sel is not None:
+        h = h * sel
+    h = checkpoint_name(h, "lora_h")  # kept by the ``projections`` rematerialisation policy
+    return h @ b * jnp.asarray(scaling, x.dtype), (x, a, b, sel, h)
 
 
 def _lora_delta_bwd(scaling, res, g):
-    x, a, b, h = res
+    x, a, b, sel, h = res
     g = g * jnp.asarray(scaling, g.dtype)
-    gh = g @ b.T  # [..., r]
+    gh = g @ b.T  # [..., n*r]
+    if sel is not None:
+        gh = gh * sel
     dx = gh @ a.T
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     h2, gh2 = h.reshape(-1, h.shape[-1]), gh.reshape(-1, gh.shape[-1])
     da = jnp.einsum("nr,ni->ri", gh2, x2).T
     db = jnp.einsum("no,nr->or", g2, h2).T
-    return dx, da.astype(a.dtype), db.astype(b.dtype)
+    return dx, da.astype(a.dtype), db.astype(b.dtype), None
 
 
 _lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
@@ -208,42 +191,110 @@ _lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 def dense(xs: Sequence[jax.Array], proj: dict, name: str, adapters: Sequence, peft_cfg: Optional[PeftConfig],
           dropout_rngs: Optional[Sequence] = None):
-    """Applies projection ``name`` to several token streams at once.
+    """Applies projection ``name`` to several token streams at once (:func:`dense_packed` on a list).
 
     Args:
       xs: one array per stream, each ``[..., in]``; shapes may differ.
+      proj, name, adapters, peft_cfg, dropout_rngs: as for :func:`dense_packed`.
+
+    Returns:
+      A list with one ``[..., out]`` array per stream.
+    """
+    lengths = [int(np.prod(x.shape[:-1])) for x in xs]
+    packed = jnp.concatenate([x.reshape(1, -1, x.shape[-1]) for x in xs], axis=1)
+    y = dense_packed(packed, lengths, proj, name, adapters, peft_cfg, dropout_rngs)[0]
+    parts = jnp.split(y, np.cumsum(lengths)[:-1].tolist(), axis=0) if len(xs) > 1 else [y]
+    return [part.reshape(*x.shape[:-1], part.shape[-1]) for part, x in zip(parts, xs)]
+
+
+def _per_token(values, lengths, dtype):
+    """``[T, n]`` rows from one ``[n]`` vector per stream, stream ``i`` covering ``lengths[i]`` tokens."""
+    rows = [jnp.broadcast_to(v.astype(dtype), (n, v.shape[-1])) for v, n in zip(values, lengths)]
+    return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
+
+
+def dense_packed(x, lengths: Sequence[int], proj: dict, name: str, adapters: Sequence,
+                 peft_cfg: Optional[PeftConfig], dropout_rngs: Optional[Sequence] = None):
+    """Applies projection ``name`` to token streams packed along the token axis.
+
+    Args:
+      x: ``[..., T, in]`` holding the streams one after the other on axis -2:
+        stream ``i`` is ``lengths[i]`` tokens long (``T = sum(lengths)``).
+      lengths: static token count of each stream.
       proj: ``{"kernel": [in, out], "bias"?: [out]}`` for this layer.
       name: canonical projection name (decides IA3 input vs output scaling).
-      adapters: one per-layer adapter set (or None) per stream.
+      adapters: one per-layer adapter set (or None) per stream; streams may
+        share a set (the same object).
       peft_cfg: static adapter description (None when no stream has adapters).
       dropout_rngs: optional per-stream PRNG keys for adapter dropout.
 
     Returns:
-      A list with one ``[..., out]`` array per stream. The frozen kernel is
-      multiplied once with all streams' tokens concatenated.
+      ``[..., T, out]`` in the same layout. One matmul with the frozen kernel
+      serves every stream and no stream is sliced out: per-stream adapters act
+      through per-token selections (LoRA/DoRA: all sets' rank-r products in one
+      pass, each token keeping its own set's; IA3 and DoRA: per-token scales).
+
+    >>> import jax, jax.numpy as jnp
+    >>> pc = PeftConfig(rank=2)
+    >>> ad = {"q_proj": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}}
+    >>> x = jnp.ones((1, 5, 4))  # a 2-token stream without adapter, then a 3-token one with it
+    >>> dense_packed(x, (2, 3), {"kernel": jnp.zeros((4, 3))}, "q_proj", [None, ad], pc)[0, :, 0].tolist()
+    [0.0, 0.0, 4.0, 4.0, 4.0]
     """
-    kernel = proj["kernel"]
+    if sum(lengths) != x.shape[-2]:
+        raise ValueError(f"dense_packed: stream lengths {tuple(lengths)} do not add up to {x.shape[-2]} tokens")
+    kernel = proj["kernel"].astype(x.dtype)
     bias = proj.get("bias")
     ads = [layer_slice(a, name) for a in adapters]
-    ins = [_adapter_pre(x, ad, name, peft_cfg) for x, ad in zip(xs, ads)]
-    if len(ins) == 1:
-        outs = [ins[0] @ kernel.astype(ins[0].dtype)]
+    sets, which = [], []
+    for ad in ads:  # distinct sets, by identity
+        if ad is None:
+            which.append(None)
+            continue
+        j = next((i for i, s in enumerate(sets) if s is ad), None)
+        if j is None:
+            sets.append(ad)
+            j = len(sets) - 1
+        which.append(j)
+    if not sets or peft_cfg is None:
+        y = x @ kernel
+        return y if bias is None else y + bias.astype(y.dtype)
+    if peft_cfg.method == "ia3":
+        def scales(size):
+            return _per_token([jnp.ones((size,), x.dtype) if j is None else sets[j]["scale"] for j in which],
+                              lengths, x.dtype)
+        if name in IA3_FEEDFORWARD:
+            y = (x * scales(x.shape[-1])) @ kernel
+            return y if bias is None else y + bias.astype(y.dtype)
+        y = x @ kernel
+        y = y if bias is None else y + bias.astype(y.dtype)
+        return y * scales(y.shape[-1])
+    xd = x
+    if peft_cfg.dropout > 0.0 and dropout_rngs is not None:
+        keep = jnp.concatenate([jax.random.bernoulli(r, 1.0 - peft_cfg.dropout, (*x.shape[:-2], n, x.shape[-1]))
+                                for r, n in zip(dropout_rngs, lengths)], axis=-2)
+        xd = jnp.where(keep, x / (1.0 - peft_cfg.dropout), 0).astype(x.dtype)
+    y = x @ kernel
+    if len(sets) == 1 and all(j == 0 for j in which):
+        y = y + _lora_delta(xd, sets[0]["lora_a"].astype(x.dtype), sets[0]["lora_b"].astype(x.dtype), None,
+                            peft_cfg.scaling)
     else:
-        flat = [x.reshape(-1, x.shape[-1]) for x in ins]
-        sizes = [f.shape[0] for f in flat]
-        y = jnp.concatenate(flat, axis=0) @ kernel.astype(ins[0].dtype)
-        splits = _offsets(sizes)
-        outs = [part.reshape(*x.shape[:-1], kernel.shape[-1]) for part, x in zip(jnp.split(y, splits, axis=0), ins)]
-    rngs = dropout_rngs if dropout_rngs is not None else [None] * len(xs)
-    return [_adapter_post(x, y, bias, kernel, ad, name, peft_cfg, r) for x, y, ad, r in zip(xs, outs, ads, rngs)]
-
-
-def _offsets(sizes):
-    acc, out = 0, []
-    for s in sizes[:-1]:
-        acc += s
-        out.append(acc)
-    return out
+        r = peft_cfg.rank
+        eye = np.eye(len(sets), dtype=np.float32)
+        sel = np.concatenate([np.repeat(np.zeros(len(sets), np.float32) if j is None else eye[j], r)[None]
+                              .repeat(n, 0) for j, n in zip(which, lengths)], axis=0)
+        a = jnp.concatenate([s["lora_a"].astype(x.dtype) for s in sets], axis=1)
+        b = jnp.concatenate([s["lora_b"].astype(x.dtype) for s in sets], axis=0)
+        y = y + _lora_delta(xd, a, b, jnp.asarray(sel, x.dtype), peft_cfg.scaling)
+    if peft_cfg.method == "dora":  # magnitude / ||W + s B A|| per set (norm treated as a constant)
+        def factor(ad):
+            w = proj["kernel"].astype(jnp.float32) + peft_cfg.scaling * (
+                ad["lora_a"].astype(jnp.float32) @ ad["lora_b"].astype(jnp.float32))
+            return ad["magnitude"].astype(jnp.float32) / jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
+        factors = [factor(s) for s in sets]
+        y = y * _per_token([jnp.ones((y.shape[-1],), jnp.float32) if j is None else factors[j] for j in which],
+                           lengths, y.dtype)
+    return y if bias is None else y + bias.astype(y.dtype)
 
 
 def merge_adapters(base_params, adapters, peft_cfg: PeftConfig):

@@ -60,6 +60,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 from bitune_jax.model import attention as attn_lib
 from bitune_jax.model import peft as peft_lib
@@ -171,15 +173,34 @@ def layer_flags(cfg: ModelConfig):
     return jnp.zeros((cfg.num_layers,), bool)
 
 
-def rematerialize(fn, policy: str):
-    """The one rematerialisation switch for a layer body: ``none``, ``full`` or ``dots``."""
+# What the ``projections`` policy keeps for the backward pass: every projection's output (before
+# any norm or RoPE), the attention output and its log-sum-exp, and LoRA's rank-r products. Norms,
+# RoPE, activations, the Bitune mix and the attention probabilities are recomputed from them.
+SAVED_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "attn_lse", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "lora_h")
+REMAT_POLICIES = ("none", "full", "dots", "projections")
+
+
+def rematerialize(fn, policy: str, *, prevent_cse: bool = True):
+    """The one rematerialisation switch for a layer body: one of :data:`REMAT_POLICIES`.
+
+    ``none`` saves whatever autodiff keeps, ``full`` saves nothing (the
+    backward pass reruns the layer), ``dots`` saves matmul outputs without
+    batch dimensions, ``projections`` saves :data:`SAVED_NAMES` (no matmul of
+    a projection is rerun; elementwise work and attention scores are).
+    ``prevent_cse=False`` suits scan bodies (see ``jax.checkpoint``).
+    """
     if policy in (None, "none", False):
         return fn
     if policy in ("full", True):
-        return jax.checkpoint(fn)
+        return jax.checkpoint(fn, prevent_cse=prevent_cse)
     if policy == "dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    raise ValueError(f"remat={policy!r}; allowed: none, full, dots")
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                              prevent_cse=prevent_cse)
+    if policy == "projections":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES),
+                              prevent_cse=prevent_cse)
+    raise ValueError(f"remat={policy!r}; allowed: {', '.join(REMAT_POLICIES)}")
 
 
 # --------------------------------------------------------------------------- modules
@@ -207,9 +228,10 @@ class Norm(nn.Module):
 class Projection(nn.Module):
     """A frozen linear projection applied to several token streams at once, each with its own adapter.
 
-    The kernel multiplies every stream's tokens in one matmul; each stream
-    then adds its adapter (:func:`bitune_jax.model.peft.dense`). ``axes`` are
-    the logical names of the kernel's ``(in, out)`` dimensions.
+    ``x`` holds the streams packed along the token axis (``lengths`` tokens
+    each); the kernel multiplies every stream's tokens in one matmul and each
+    stream gets its own adapter (:func:`bitune_jax.model.peft.dense_packed`).
+    ``axes`` are the logical names of the kernel's ``(in, out)`` dimensions.
     """
 
     cfg: ModelConfig
@@ -219,13 +241,13 @@ class Projection(nn.Module):
     peft_cfg: Optional[PeftConfig] = None
 
     @nn.compact
-    def __call__(self, xs: Sequence[jax.Array], adapters: Sequence, dropout_rngs=None):
+    def __call__(self, x, lengths: Sequence[int], adapters: Sequence, dropout_rngs=None):
         dtype = compute_dtype(self.cfg)
         proj = {"kernel": self.param("kernel", _logical(nn.initializers.normal(0.02), self.axes),
-                                     (xs[0].shape[-1], self.features), dtype)}
+                                     (x.shape[-1], self.features), dtype)}
         if self.use_bias:
             proj["bias"] = self.param("bias", _logical(nn.initializers.zeros, self.axes[1:]), (self.features,), dtype)
-        return peft_lib.dense(xs, proj, self.name, adapters, self.peft_cfg, dropout_rngs)
+        return peft_lib.dense_packed(x, lengths, proj, self.name, adapters, self.peft_cfg, dropout_rngs)
 
 
 class DecoderBlock(nn.Module):
@@ -233,7 +255,8 @@ class DecoderBlock(nn.Module):
 
     Call arguments (one entry per stream):
 
-    * ``xs``: residual streams ``[batch, seq, d]``;
+    * ``xs``: residual streams ``[batch, seq, d]`` (or one :class:`Packed`
+      array holding them all);
     * ``positions``: ``[batch, seq]`` integer positions (RoPE and masks);
     * ``masks``: an :class:`~bitune_jax.model.attention.Mask` describing the
       stream's keys (its prefix first, then its own tokens), or an explicit
@@ -246,12 +269,18 @@ class DecoderBlock(nn.Module):
       stream's own), or a callable ``prefix(ks, vs) -> that list`` that
       receives every stream's own rotated keys/values of this layer, for
       callers whose prefix is computed from other streams of the same layer;
-    * ``dropout_rngs``: optional per-stream PRNG keys for adapter dropout.
+    * ``dropout_rngs``: optional per-stream PRNG keys for adapter dropout;
+    * ``kv_only``: optional static tuple of bools, True for streams of which
+      only this layer's keys and values are wanted (Bitune's prompt streams in
+      the last layer): they skip queries, attention and the MLP, and their
+      residual stream is returned unchanged.
 
     Returns ``(xs, ks, vs)``: the new residual streams and each stream's own
-    rotated keys and values ``[batch, seq, kv_heads, hd]``. Streams whose
-    queries and keys have equal shapes share one attention call (stacked on
-    the batch axis).
+    rotated keys and values ``[batch, seq, kv_heads, hd]``. The streams share
+    the batch size and are packed along the token axis for everything but
+    attention (one array, no per-projection concatenation or split); streams
+    whose queries and keys have equal shapes share one attention call
+    (stacked on the batch axis).
     """
 
     cfg: ModelConfig
@@ -259,63 +288,132 @@ class DecoderBlock(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, xs, positions, masks, adapters, *, is_local=False, prefix=None, dropout_rngs=None):
+    def __call__(self, xs, positions, masks, adapters, *, is_local=False, prefix=None, dropout_rngs=None,
+                 kv_only=None):
         cfg = self.cfg
         bias = cfg.norm_type == "layer"
-        xs = [constrain(x, ACTIVATION_AXES) for x in xs]
-        attn_norm = Norm(cfg, with_bias=bias, name="attn_norm")
-        hs = [attn_norm(x) for x in xs]
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        # The streams are packed along the token axis ([batch, sum of lengths, d]): norms, projections and
+        # elementwise work run once over all of them, and only attention sees each stream on its own.
+        if isinstance(xs, Packed):
+            x, lens = xs.x, list(xs.lengths)
+        else:
+            if any(x.shape[0] != xs[0].shape[0] for x in xs):
+                raise ValueError(f"DecoderBlock: the streams of one call share the batch size; got "
+                                 f"{[x.shape for x in xs]}")
+            x, lens = _pack(xs), [x.shape[1] for x in xs]
+        x = constrain(x, ACTIVATION_AXES)
+        pos = _pack(positions)
         proj = functools.partial(Projection, cfg, peft_cfg=self.peft_cfg)
-        qs = proj(nh * hd, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(hs, adapters, _fold(dropout_rngs, 0))
-        ks = proj(nkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(hs, adapters, _fold(dropout_rngs, 1))
-        vs = proj(nkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(hs, adapters, _fold(dropout_rngs, 2))
-        qs = [q.reshape(*q.shape[:-1], nh, hd) for q in qs]  # [b, s, heads, hd]
-        ks = [k.reshape(*k.shape[:-1], nkv, hd) for k in ks]  # [b, s, kv_heads, hd]
-        vs = [v.reshape(*v.shape[:-1], nkv, hd) for v in vs]
+        h = Norm(cfg, with_bias=bias, name="attn_norm")(x)
+        k = proj(nkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(h, lens, adapters,
+                                                                               _fold(dropout_rngs, 1))
+        v = proj(nkv * hd, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(h, lens, adapters,
+                                                                               _fold(dropout_rngs, 2))
+        k = checkpoint_name(k, "k_proj").reshape(*k.shape[:-1], nkv, hd)  # [b, T, kv_heads, hd]
+        v = checkpoint_name(v, "v_proj").reshape(*v.shape[:-1], nkv, hd)
         if cfg.qk_norm:
-            q_norm, k_norm = Norm(cfg, "head_dim", name="q_norm"), Norm(cfg, "head_dim", name="k_norm")
-            qs = [q_norm(q) for q in qs]
-            ks = [k_norm(k) for k in ks]
+            k = Norm(cfg, "head_dim", name="k_norm")(k)
         inv = _inv_freq(cfg, is_local)
-        qs = [apply_rope(q, p, inv) for q, p in zip(qs, positions)]
-        ks = [apply_rope(k, p, inv) for k, p in zip(ks, positions)]
-
+        k = apply_rope(k, pos, inv)
+        ks, vs = _unpack(k, lens), _unpack(v, lens)
         if callable(prefix):
             prefix = prefix(ks, vs)
-        prefix = prefix if prefix is not None else [None] * len(xs)
-        k_all = [k if pre is None else jnp.concatenate([pre[0].astype(k.dtype), k], axis=1)
-                 for k, pre in zip(ks, prefix)]
-        v_all = [v if pre is None else jnp.concatenate([pre[1].astype(v.dtype), v], axis=1)
-                 for v, pre in zip(vs, prefix)]
-        outs = _attend_streams(cfg, qs, k_all, v_all, masks, self.attention, is_local)
+        prefix = prefix if prefix is not None else [None] * len(lens)
 
-        flat = [a.reshape(*a.shape[:-2], -1) for a in outs]
-        os_ = proj(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(flat, adapters,
-                                                                                  _fold(dropout_rngs, 3))
+        # The streams that go on past their keys/values (all but the kv_only ones).
+        full = [i for i in range(len(lens)) if not (kv_only and kv_only[i])]
+        if not full:
+            return xs, ks, vs
+        lens_f = [lens[i] for i in full]
+        x_f, h_f, pos_f = (_take(t, lens, full) for t in (x, h, pos))
+        ads = [adapters[i] for i in full]
+
+        def rngs(j):
+            return None if dropout_rngs is None else [_fold(dropout_rngs, j)[i] for i in full]
+
+        q = proj(nh * hd, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(h_f, lens_f, ads, rngs(0))
+        q = checkpoint_name(q, "q_proj").reshape(*q.shape[:-1], nh, hd)  # [b, T, heads, hd]
+        if cfg.qk_norm:
+            q = Norm(cfg, "head_dim", name="q_norm")(q)
+        qs = _unpack(apply_rope(q, pos_f, inv), lens_f)
+        k_all = [ks[i] if prefix[i] is None else jnp.concatenate([prefix[i][0].astype(ks[i].dtype), ks[i]], axis=1)
+                 for i in full]
+        v_all = [vs[i] if prefix[i] is None else jnp.concatenate([prefix[i][1].astype(vs[i].dtype), vs[i]], axis=1)
+                 for i in full]
+        masks_f = [masks[i] for i in full]
+        outs = _attend_streams(cfg, qs, k_all, v_all, masks_f, self.attention, is_local)
+        if _attention_impl(cfg, self.attention, masks_f) != "blocked":
+            outs = [checkpoint_name(o, "attn_out") for o in outs]  # blocked_attention names its own output
+        a = _pack([o.reshape(*o.shape[:-2], nh * hd) for o in outs])
+
+        o = proj(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(a, lens_f, ads, rngs(3))
+        o = checkpoint_name(o, "o_proj")
         if cfg.sandwich_norm:
-            post_attn = Norm(cfg, name="post_attn_norm")
-            os_ = [post_attn(o) for o in os_]
-        mids = [x + o for x, o in zip(xs, os_)]
-        if cfg.parallel_block:
-            mlp_in = hs
-        else:
-            mlp_norm = Norm(cfg, with_bias=bias, name="mlp_norm")
-            mlp_in = [mlp_norm(m) for m in mids]
+            o = Norm(cfg, name="post_attn_norm")(o)
+        mid = x_f + o
+        mlp_in = h_f if cfg.parallel_block else Norm(cfg, with_bias=bias, name="mlp_norm")(mid)
         up = proj(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="up_proj")
         if cfg.mlp_type == "gated":
-            gates = proj(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(
-                mlp_in, adapters, _fold(dropout_rngs, 4))
-            ups = up(mlp_in, adapters, _fold(dropout_rngs, 5))
-            acts = [_act(g, cfg) * u for g, u in zip(gates, ups)]
+            g = proj(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(mlp_in, lens_f, ads,
+                                                                                              rngs(4))
+            u = up(mlp_in, lens_f, ads, rngs(5))
+            act = _act(checkpoint_name(g, "gate_proj"), cfg) * checkpoint_name(u, "up_proj")
         else:
-            acts = [_act(u, cfg) for u in up(mlp_in, adapters, _fold(dropout_rngs, 5))]
-        downs = proj(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(acts, adapters,
-                                                                                       _fold(dropout_rngs, 6))
+            act = _act(checkpoint_name(up(mlp_in, lens_f, ads, rngs(5)), "up_proj"), cfg)
+        d = proj(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(act, lens_f, ads, rngs(6))
         if cfg.sandwich_norm:
-            post_mlp = Norm(cfg, name="post_mlp_norm")
-            downs = [post_mlp(d) for d in downs]
-        return [m + d for m, d in zip(mids, downs)], ks, vs
+            d = Norm(cfg, name="post_mlp_norm")(checkpoint_name(d, "down_proj"))
+        y = mid + d
+        if len(full) < len(lens):
+            parts = _unpack(x, lens)
+            for i, t in zip(full, _unpack(y, lens_f)):
+                parts[i] = t
+            y = _pack(parts)
+        if isinstance(xs, Packed):
+            return Packed(y, xs.lengths), ks, vs
+        return _unpack(y, lens), ks, vs
+
+
+@struct.dataclass
+class Packed:
+    """Token streams packed along the token axis: ``x`` ``[batch, sum(lengths), d]``.
+
+    :class:`DecoderBlock` takes and returns this in place of a list of streams
+    for callers that keep their streams packed from layer to layer (Bitune's
+    fused loop), which saves a concatenation and a split per layer.
+
+    >>> import jax.numpy as jnp
+    >>> p = Packed(jnp.zeros((2, 7, 4)), (5, 2))
+    >>> [s.shape for s in p.streams()]
+    [(2, 5, 4), (2, 2, 4)]
+    """
+
+    x: jax.Array
+    lengths: Tuple[int, ...] = struct.field(pytree_node=False)
+
+    def streams(self):
+        """The list of streams ``[batch, length_i, d]``."""
+        return _unpack(self.x, self.lengths)
+
+
+def _pack(ts):
+    """Streams ``[batch, len_i, ...]`` packed along the token axis."""
+    return ts[0] if len(ts) == 1 else jnp.concatenate(ts, axis=1)
+
+
+def _unpack(t, lens):
+    """The streams of a packed array (inverse of :func:`_pack`)."""
+    return [t] if len(lens) == 1 else jnp.split(t, np.cumsum(lens)[:-1].tolist(), axis=1)
+
+
+def _take(t, lens, idx):
+    """The packed array of streams ``idx`` only (one slice when they are adjacent)."""
+    if len(idx) == len(lens):
+        return t
+    off = np.concatenate([[0], np.cumsum(lens)])
+    parts = [jax.lax.slice_in_dim(t, int(off[i]), int(off[i + 1]), axis=1) for i in idx]
+    return _pack(parts)
 
 
 ACTIVATION_AXES = ("batch", "length", "act_embed")
@@ -368,12 +466,22 @@ def _dense_mask(cfg: ModelConfig, mask, is_local):
 _NO_WINDOW = 2 ** 30
 
 
+def _attention_impl(cfg: ModelConfig, impl: str, masks) -> str:
+    """The implementation ``impl`` resolves to here; ``auto`` takes the reference for explicit dense masks."""
+    resolved = attn_lib.resolve(impl, softcap=cfg.attn_logit_softcap)
+    if impl == "auto" and resolved in ("blocked", "splash") and not all(isinstance(m, attn_lib.Mask) for m in masks):
+        return "reference"
+    return resolved
+
+
 def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
     """Attention of every stream; streams of equal shapes run as one call over a stacked batch."""
-    impl = attn_lib.resolve(impl, softcap=cfg.attn_logit_softcap)
+    impl = _attention_impl(cfg, impl, masks)
     groups = {}
     for i, (q, k) in enumerate(zip(qs, ks)):
-        groups.setdefault((q.shape[1:], k.shape[1:]), []).append(i)
+        # A splash call has one static mask, so its streams also share the mask kind.
+        kind = getattr(masks[i], "causal", None) if impl == "splash" else None
+        groups.setdefault((q.shape[1:], k.shape[1:], kind), []).append(i)
     outs = [None] * len(qs)
     for idx in groups.values():
         def cat(ts):  # the group's streams stacked on the batch axis
@@ -389,8 +497,23 @@ def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
                 window = jnp.where(is_local, cfg.sliding_window, _NO_WINDOW)
             fields = [jnp.concatenate([getattr(m, f) for m in ms], 0) for f in ("q_pos", "k_pos", "q_valid", "k_valid")]
             causal = jnp.concatenate([jnp.full((m.q_pos.shape[0],), m.causal) for m in ms], 0)
+            q_seg, k_seg = attn_lib.stack_segments(ms)
             o = attn_lib.blocked_attention(cat(qs), cat(ks), cat(vs), *fields, causal, window, scale=cfg.scale,
-                                           softcap=cfg.attn_logit_softcap)
+                                           softcap=cfg.attn_logit_softcap, q_segment=q_seg, k_segment=k_seg)
+        elif impl == "splash":
+            ms = [masks[i] for i in idx]
+            if not all(isinstance(m, attn_lib.Mask) for m in ms):
+                raise ValueError("model.attention='splash' builds its mask from positions: pass attention.Mask "
+                                 "objects, not dense mask arrays")
+            mask = ms[0]
+            if len(ms) > 1:
+                q_seg, k_seg = attn_lib.stack_segments(ms)
+                mask = attn_lib.Mask(*(jnp.concatenate([getattr(m, f) for m in ms], 0)
+                                       for f in ("q_pos", "k_pos", "q_valid", "k_valid")),
+                                     causal=mask.causal, q_segment=q_seg, k_segment=k_seg)
+            o = attn_lib.splash_attention(cat(qs), cat(ks), cat(vs), mask, scale=cfg.scale,
+                                          softcap=cfg.attn_logit_softcap, is_local=is_local,
+                                          window=cfg.sliding_window if cfg.has_local_layers else None)
         else:
             dense = {i: _dense_mask(cfg, masks[i], is_local) for i in idx}
             o = attn_lib.dot_product_attention(cat(qs), cat(ks), cat(vs), cat(dense), scale=cfg.scale,
@@ -401,10 +524,11 @@ def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
 
 
 def apply_block(layer_params, cfg: ModelConfig, xs, positions, masks, adapters, *, is_local=False, prefix=None,
-                peft_cfg: Optional[PeftConfig] = None, attention: str = "auto", dropout_rngs=None):
+                peft_cfg: Optional[PeftConfig] = None, attention: str = "auto", dropout_rngs=None, kv_only=None):
     """Applies :class:`DecoderBlock` with one layer's parameters; see its docstring for the arguments."""
     return DecoderBlock(cfg, peft_cfg, attention).apply({"params": layer_params}, xs, positions, masks, adapters,
-                                                         is_local=is_local, prefix=prefix, dropout_rngs=dropout_rngs)
+                                                         is_local=is_local, prefix=prefix, dropout_rngs=dropout_rngs,
+                                                         kv_only=kv_only)
 
 
 # --------------------------------------------------------------------------- forward
@@ -453,7 +577,7 @@ def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, cau
         return x, ((k, v) if return_kv else None)
 
     pkv = (prefix_kv.k, prefix_kv.v) if prefix_kv is not None else None
-    x, kv = jax.lax.scan(rematerialize(body, remat), embed(params, cfg, tokens),
+    x, kv = jax.lax.scan(rematerialize(body, remat, prevent_cse=False), embed(params, cfg, tokens),
                          (params["layers"], adapters, layer_flags(cfg), pkv))
     out = unembed(params, cfg, x) if compute_logits else x
     return out, (KV(*kv) if return_kv else None)

@@ -152,9 +152,15 @@ def _train(cfg: Config, out_dir: str, main: bool, say, *, allow_base_change: boo
     if loaded_here:
         model.params = None
 
+    # Packed rows per process: a multiple of this process's share of the batch devices, so rows split evenly.
+    packed_rows = max(1, batch_devices // jax.process_count())
+
     def next_batch():
         """``grad_accum`` local batches padded to one shape, concatenated, made one global array."""
         parts = [next(train_it) for _ in range(cfg.optim.grad_accum)]
+        if cfg.data.packing:  # equal row blocks, one per part: the step's micro-batches
+            local = data.concat_packed(parts, packed_rows)
+            return _global_batch(mesh, local, cfg.mesh.table), data.real_tokens(local) * jax.process_count()
         P = max(p["prompt_ids"].shape[1] for p in parts)
         A = max(p["answer_ids"].shape[1] for p in parts)
         local = {k: np.concatenate([_pad_to(p[k], P if k == "prompt_ids" else A) for p in parts])
@@ -222,7 +228,8 @@ def _train(cfg: Config, out_dir: str, main: bool, say, *, allow_base_change: boo
 
     def evaluate(step):
         n = min(len(eval_ds), cfg.train.eval_batches)
-        losses = [_host(eval_loss_fn(state.trainable, base, _global_batch(mesh, eval_ds[i], cfg.mesh.table))) for i in range(n)]
+        local = (data.concat_packed([eval_ds[i]], packed_rows) if cfg.data.packing else eval_ds[i] for i in range(n))
+        losses = [_host(eval_loss_fn(state.trainable, base, _global_batch(mesh, b, cfg.mesh.table))) for b in local]
         rec = {"step": step, "split": "eval", "loss": float(np.mean(losses)), "batches": n}
         log.write(rec)
         return rec["loss"]

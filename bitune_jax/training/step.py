@@ -165,7 +165,7 @@ def make_train_step(cfg: ModelConfig, method: bitune.MethodConfig, optimizer, *,
         if grad_accum == 1:
             (loss, aux), grads = grad_fn(state.trainable, base, batch, rng)
         else:
-            b = batch["prompt_ids"].shape[0]
+            b = jax.tree_util.tree_leaves(batch)[0].shape[0]  # rows (examples, or packed rows)
             if b % grad_accum:
                 raise ValueError(f"batch size {b} is not divisible by grad_accum={grad_accum}")
             micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, b // grad_accum, *x.shape[1:]), batch)
