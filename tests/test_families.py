@@ -333,9 +333,13 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gemma3_real(gemma3):
-    """The session's Gemma-3-270M, a padded batch of SENTENCES and transformers' logits for it."""
+    """The session's Gemma-3-270M, a padded batch of SENTENCES and transformers' logits for it.
+
+    Session-scoped (it holds logits, not the transformers model), so it is built once even when
+    the test runner interleaves other modules' tests with this one's.
+    """
     pytest.importorskip("torch")
     from hf_utils import gguf_reference_model
 

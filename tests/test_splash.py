@@ -146,7 +146,15 @@ def _assert_same(got, want):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", bitune.VARIANTS)
 def test_bitune_loss_and_gradients_of_every_variant(variant):
-    _assert_same(_loss_and_grads(LLAMA, variant, "splash"), _loss_and_grads(LLAMA, variant, "reference"))
+    """Splash on the padded batch and on the same examples packed two to a row, against the padded reference."""
+    want = _loss_and_grads(LLAMA, variant, "reference")
+    _assert_same(_loss_and_grads(LLAMA, variant, "splash"), want)
+    padded = _batch()
+    examples = [(np.asarray(padded["prompt_ids"][i, :p]).tolist(), np.asarray(padded["answer_ids"][i, :a]).tolist())
+                for i, (p, a) in enumerate(zip(padded["prompt_len"].tolist(), padded["answer_len"].tolist())) if a > 0]
+    packed = data.pack(examples, capacity=(137, 6))  # the batch-padding row (no answer) has weight 0 anyway
+    assert packed["pre_ids"].shape[0] == 2 and packed["ans_seg"].max() == 2  # several examples share a row
+    _assert_same(_loss_and_grads(LLAMA, variant, "splash", batch=packed), want)
 
 
 @pytest.mark.slow
