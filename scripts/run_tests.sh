@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh || { echo "setup failed"; exit 1; }
 . .venv/bin/activate
 # Two workers (pytest-xdist): most tests are single-threaded XLA compilations, so the 2 cores of a CI
-# machine run two at once. Tests sharing a real model stay on one worker (tests/conftest.py).
-python -m pytest -q -rs --durations=15 -n "${BITUNE_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# machine run two at once.
+python -m pytest -q -rs --durations=15 -n "${BITUNE_TEST_WORKERS:-2}" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2

@@ -84,18 +84,7 @@ def gemma3():
 
 
 # --------------------------------------------------------------------------- parallel runs (pytest-xdist)
-# scripts/run_tests.sh runs the suite on two workers with `--dist loadgroup`, which sends each group
-# whole to one worker. Tests that share a real model form one group (named after the model), so each
-# model is loaded by one process only; every other test is grouped with its module, so module-scoped
-# fixtures (tiny models, finished training runs) are built once, not once per worker.
-_MODEL_GROUPS = (("gemma3", "gemma3"), ("smollm2", "smollm2"))
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        names = getattr(item, "fixturenames", ())
-        group = next((g for prefix, g in _MODEL_GROUPS if any(n.startswith(prefix) for n in names)), None)
-        item.add_marker(pytest.mark.xdist_group(group or item.nodeid.split("::")[0]))
+# scripts/run_tests.sh runs the suite on two workers; each worker loads the real models its tests need.
 
 
 @pytest.fixture(scope="module", autouse=True)
