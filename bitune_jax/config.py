@@ -69,7 +69,8 @@ class ModelSection:
       dtype: parameter and compute dtype of the frozen base model.
       attention: the attention implementation of every layer, in training and
         evaluation (:mod:`bitune_jax.model.attention`): ``auto`` (splash on
-        TPUs, cuDNN on GPUs, ``blocked`` on CPUs), ``reference`` (dense),
+        TPUs, ``blocked`` for their one-query decoding steps; cuDNN on GPUs;
+        ``blocked`` on CPUs), ``reference`` (dense),
         ``blocked`` (online softmax, recomputed in the backward pass: no
         ``[q, k]`` tensor is kept for it), ``xla``, ``cudnn``, ``splash``
         (the Pallas TPU kernel). One that cannot serve the model (e.g.

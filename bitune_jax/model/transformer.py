@@ -343,7 +343,7 @@ class DecoderBlock(nn.Module):
                  for i in full]
         masks_f = [masks[i] for i in full]
         outs = _attend_streams(cfg, qs, k_all, v_all, masks_f, self.attention, is_local)
-        if _attention_impl(cfg, self.attention, masks_f) != "blocked":
+        if _attention_impl(cfg, self.attention, masks_f, max(q.shape[1] for q in qs)) != "blocked":
             outs = [checkpoint_name(o, "attn_out") for o in outs]  # blocked_attention names its own output
         a = _pack([o.reshape(*o.shape[:-2], nh * hd) for o in outs])
 
@@ -466,17 +466,26 @@ def _dense_mask(cfg: ModelConfig, mask, is_local):
 _NO_WINDOW = 2 ** 30
 
 
-def _attention_impl(cfg: ModelConfig, impl: str, masks) -> str:
-    """The implementation ``impl`` resolves to here; ``auto`` takes the reference for explicit dense masks."""
-    resolved = attn_lib.resolve(impl, softcap=cfg.attn_logit_softcap)
+def _attention_impl(cfg: ModelConfig, impl: str, masks, q_len: Optional[int] = None,
+                    backend: Optional[str] = None) -> str:
+    """The implementation ``impl`` resolves to for these streams (``q_len``: their longest query length).
+
+    ``auto`` takes the reference for explicit dense masks, and ``blocked``
+    instead of splash for a decoding step (one query per row), which the
+    kernel would pad to its smallest block of 128 query rows; ``blocked``
+    runs so few queries in one pass without a loop.
+    """
+    resolved = attn_lib.resolve(impl, softcap=cfg.attn_logit_softcap, backend=backend)
     if impl == "auto" and resolved in ("blocked", "splash") and not all(isinstance(m, attn_lib.Mask) for m in masks):
         return "reference"
+    if impl == "auto" and resolved == "splash" and q_len == 1:
+        return "blocked"
     return resolved
 
 
 def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
     """Attention of every stream; streams of equal shapes run as one call over a stacked batch."""
-    impl = _attention_impl(cfg, impl, masks)
+    impl = _attention_impl(cfg, impl, masks, max(q.shape[1] for q in qs))
     groups = {}
     for i, (q, k) in enumerate(zip(qs, ks)):
         # A splash call has one static mask, so its streams also share the mask kind.

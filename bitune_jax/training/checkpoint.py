@@ -75,6 +75,17 @@ SKIPPED_DIR = "skipped"  # checkpoints that did not restore (see Checkpoints.res
 TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a step folder orbax has not finished writing
 
 
+class _DropNotice(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 class ResumeError(ValueError):
     """A run cannot resume from the checkpoint in its output directory."""
 
@@ -127,8 +138,13 @@ class Checkpoints:
                                                cleanup_tmp_directories=not read_only, create=not read_only,
                                                todelete_subdir=None if read_only else DELETED_DIR,
                                                read_only=read_only)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                           item_names=("state", "data", "config", "base", "checksum"))
+        quiet = _DropNotice("Given directory is read only")  # orbax warns on every read-only manager
+        logging.getLogger("absl").addFilter(quiet)
+        try:
+            self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                               item_names=("state", "data", "config", "base", "checksum"))
+        finally:
+            logging.getLogger("absl").removeFilter(quiet)
 
     def latest_step(self) -> Optional[int]:
         """Step of the newest checkpoint folder, or None (see :meth:`restore_newest` for one that restores)."""
