@@ -224,14 +224,14 @@ PACKED_KEYS = ("pre_ids", "pre_pos", "pre_seg", "ans_ids", "ans_pos", "ans_seg",
 
 
 def is_packed(batch) -> bool:
-    """True for a packed batch (:func:`bitune_jax.data.pipeline.pack`), False for the padded format."""
+    """True for a packed batch (:func:`bitune_jax.data.packing.pack`), False for the padded format."""
     return "ans_seg" in batch
 
 
 def packed_streams(batch) -> Streams:
     """The streams of a packed batch, whose arrays already are the stream blocks.
 
-    ``batch`` (all int32, written by :func:`bitune_jax.data.pipeline.pack`):
+    ``batch`` (all int32, written by :func:`bitune_jax.data.packing.pack`):
     ``pre_ids/pre_pos/pre_seg [R, S]``: the prefill spans ``x[0..L-1)`` of
     the row's examples one after the other, positions ``0..L-2`` of each, and
     its segment id; ``ans_ids/ans_pos/ans_seg/targets [R, A]``: each example's

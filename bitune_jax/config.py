@@ -187,7 +187,7 @@ class DataSection:
       num_epochs: passes over the training rows; None repeats them forever
         (``train.steps`` ends the run).
       packing: lay several examples out in one row
-        (:func:`bitune_jax.data.pipeline.pack`) instead of one padded row
+        (:func:`bitune_jax.data.packing.pack`) instead of one padded row
         each. A step takes exactly the examples it takes unpacked, in the
         same order; the prefill spans of a row's examples are concatenated in
         the prompt streams and their answer-stream tokens in the answer
@@ -200,7 +200,7 @@ class DataSection:
         span up to ``max_prompt_len - 1``, the one that needs the fewest
         array cells) and ``max_answer_len`` answer tokens (both bounded by
         ``max_len``); widths are rounded up to ``bucket`` as unpacked
-        (:func:`bitune_jax.data.pipeline.plan_packing`). Batches then vary in
+        (:func:`bitune_jax.data.packing.plan_packing`). Batches then vary in
         rows as well as widths: more distinct shapes to compile. For training
         and the evaluation loss only (generation and scoring take unpacked
         prompts).

@@ -96,3 +96,65 @@ def save_word_tokenizer(out_dir: str, words) -> None:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
                             unk_token="[UNK]").save_pretrained(out_dir)
+
+
+def write_reversal_rows(root, counts, n_words: int, lengths, seed: int = 0) -> None:
+    """Writes ``root/<name>.jsonl`` for each ``name, n`` of ``counts``: n rows of the word-reversal task.
+
+    Each prompt is ``lengths[0] .. lengths[1] - 1`` words drawn from ``w0 ..
+    w{n_words - 1}``; its answer is the same words reversed (a task a tiny
+    model learns). One generator of ``seed`` serves the files in order.
+    """
+    import json
+    import os
+
+    rng = np.random.default_rng(seed)
+    for name, n in counts:
+        rows = []
+        for _ in range(n):
+            words = [f"w{j}" for j in rng.integers(0, n_words, rng.integers(*lengths))]
+            rows.append({"prompt": " ".join(words), "answer": " ".join(reversed(words))})
+        with open(os.path.join(str(root), f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def random_batch(b: int, p: int, a: int, seed: int = 0, min_prompt: int = 1, vocab: int = 64):
+    """A padded Bitune batch of random ids: ``[b, p]`` prompts of ``min_prompt .. p`` tokens, ``[b, a]`` answers."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    return {"prompt_ids": jnp.asarray(rng.integers(1, vocab, (b, p)), jnp.int32),
+            "prompt_len": jnp.asarray(rng.integers(min_prompt, p + 1, b), jnp.int32),
+            "answer_ids": jnp.asarray(rng.integers(1, vocab, (b, a)), jnp.int32),
+            "answer_len": jnp.asarray(rng.integers(1, a + 1, b), jnp.int32)}
+
+
+def checkpoint_tree(out_dir: str, step: int):
+    """The TrainState of checkpoint ``step`` of a run folder, restored as a tree of numpy arrays."""
+    import os
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(out_dir, "checkpoints", str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path).item_metadata.tree
+        target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), meta)
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
+
+
+def flat_arrays(tree):
+    """``{key path: numpy array}`` of a tree (``jax.tree_util.keystr`` paths)."""
+    import jax
+
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def metrics_rows(out_dir: str, drop=("tokens_per_s", "elapsed_s")):
+    """The records of a run's ``metrics.jsonl`` without the ``drop`` fields (timings differ between runs)."""
+    import json
+    import os
+
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]

@@ -12,6 +12,7 @@ from bitune_jax.model.peft import PeftConfig
 from bitune_jax.model.transformer import init_params
 from bitune_jax.schema import ConfigError
 from bitune_jax.training import step as ts
+from hf_utils import random_batch
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                   num_heads=4, num_kv_heads=2, head_dim=8)
@@ -19,11 +20,7 @@ PEFT = PeftConfig(method="lora", rank=4, alpha=8)
 
 
 def _batch(b=4, p=7, a=5, seed=0):
-    rng = np.random.default_rng(seed)
-    return {"prompt_ids": jnp.asarray(rng.integers(1, 64, (b, p)), jnp.int32),
-            "prompt_len": jnp.asarray(rng.integers(2, p + 1, b), jnp.int32),
-            "answer_ids": jnp.asarray(rng.integers(1, 64, (b, a)), jnp.int32),
-            "answer_len": jnp.asarray(rng.integers(1, a + 1, b), jnp.int32)}
+    return random_batch(b, p, a, seed, min_prompt=2)
 
 
 def _alphas(trainable, method):

@@ -131,17 +131,9 @@ def _losses(out_dir):
 
 def _trainable(out_dir, step):
     """Adapter sets and mixing coefficients of checkpoint ``step``: ``{"/causal/q_proj/lora_a": array}``."""
-    import jax
-    import orbax.checkpoint as ocp
+    from hf_utils import checkpoint_tree, flat_arrays
 
-    path = os.path.join(out_dir, "checkpoints", str(step), "state")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path).item_metadata.tree  # the whole TrainState, restored as numpy
-        target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), meta)
-        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
-    flat = jax.tree_util.tree_flatten_with_path(tree["trainable"])[0]
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+    return flat_arrays(checkpoint_tree(out_dir, step)["trainable"])
 
 
 def _assert_close(got, want, what):

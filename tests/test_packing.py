@@ -283,19 +283,13 @@ WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "Question:", "Answer:"] + [f"w{i}" for
 
 @pytest.fixture(scope="module")
 def run_files(tmp_path_factory):
-    from hf_utils import save_word_tokenizer, tiny_hf_model
+    from hf_utils import save_word_tokenizer, tiny_hf_model, write_reversal_rows
 
     root = tmp_path_factory.mktemp("packing")
     model_dir = root / "model"
     tiny_hf_model("llama", str(model_dir), vocab_size=len(WORDS) + 2)
     save_word_tokenizer(str(model_dir), WORDS)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 16), ("eval", 8)):
-        rows = []
-        for _ in range(n):
-            words = [f"w{j}" for j in rng.integers(0, 40, rng.integers(1, 7))]
-            rows.append({"prompt": " ".join(words), "answer": " ".join(reversed(words))})
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_reversal_rows(root, (("train", 16), ("eval", 8)), n_words=40, lengths=(1, 7))
     raw = {"model": {"source": str(model_dir)},
            "method": {"variant": "bitune", "peft": {"method": "lora", "rank": 2, "alpha": 4.0}},
            "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "batch_size": 4,
@@ -314,20 +308,15 @@ def _config(raw, out, train=None, **data_overrides):
 
 
 def _state(out_dir, step):
-    import orbax.checkpoint as ocp
+    from hf_utils import checkpoint_tree, flat_arrays
 
-    path = os.path.join(out_dir, "checkpoints", str(step), "state")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path).item_metadata.tree
-        target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), meta)
-        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return flat_arrays(checkpoint_tree(out_dir, step))
 
 
 def _metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")} for line in f]
+    from hf_utils import metrics_rows
+
+    return metrics_rows(out_dir)
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
-from hf_utils import FAST_COMPILE, save_word_tokenizer, tiny_hf_model
+from hf_utils import (FAST_COMPILE, checkpoint_tree, flat_arrays, metrics_rows, save_word_tokenizer, tiny_hf_model,
+                      write_reversal_rows)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "Question:", "Answer:"] + [f"w{i}" for i in range(60)]
@@ -34,13 +35,7 @@ def files(tmp_path_factory):
     model_dir = root / "model"
     tiny_hf_model("llama", str(model_dir), vocab_size=len(WORDS) + 2)
     save_word_tokenizer(str(model_dir), WORDS)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 64), ("eval", 16)):
-        rows = []
-        for _ in range(n):
-            words = [f"w{j}" for j in rng.integers(0, 60, rng.integers(2, 9))]
-            rows.append({"prompt": " ".join(words), "answer": " ".join(reversed(words))})
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_reversal_rows(root, (("train", 64), ("eval", 16)), n_words=60, lengths=(2, 9))
     cfg = {
         "model": {"source": str(model_dir)},
         "method": {"variant": "bitune", "peft": {"method": "lora", "rank": 4, "alpha": 8.0}},
@@ -93,22 +88,12 @@ def _steps(out_dir):
 
 
 def _metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+    return metrics_rows(out_dir, drop=TIMING)
 
 
 def _state(out_dir, step):
     """Checkpoint ``step``'s TrainState (step, trainable, optimizer state) as {path: numpy array}."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(out_dir, "checkpoints", str(step), "state")
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path).item_metadata.tree
-        target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), meta)
-        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return flat_arrays(checkpoint_tree(out_dir, step))
 
 
 def _json_item(out_dir, step, item):
@@ -365,7 +350,7 @@ def test_export_adapters_of_a_run_round_trips(files, uninterrupted, tmp_path):
     step = _steps(uninterrupted)[-1]
     saved = _state(uninterrupted, step)
     import jax
-    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(trainable)}
+    flat = flat_arrays(trainable)
     matched = 0
     for key, value in flat.items():
         hits = [v for k, v in saved.items() if k.endswith(key) and "opt_state" not in k]

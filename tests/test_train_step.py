@@ -12,17 +12,14 @@ from bitune_jax.training import step as ts
 from bitune_jax.model.config import ModelConfig
 from bitune_jax.model.transformer import init_params
 from bitune_jax.model.peft import PeftConfig
+from hf_utils import random_batch
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def _batch(b=8, p=7, a=5, seed=0):
-    rng = np.random.default_rng(seed)
-    return {"prompt_ids": jnp.asarray(rng.integers(1, 64, (b, p)), jnp.int32),
-            "prompt_len": jnp.asarray(rng.integers(1, p + 1, b), jnp.int32),
-            "answer_ids": jnp.asarray(rng.integers(1, 64, (b, a)), jnp.int32),
-            "answer_len": jnp.asarray(rng.integers(1, a + 1, b), jnp.int32)}
+    return random_batch(b, p, a, seed)
 
 
 def _setup(variant="bitune", method="lora", lr=1e-2):

@@ -184,9 +184,9 @@ def largest_batch(cfg, batch_devices: int = 1) -> dict:
     (:func:`bitune_jax.data.pipeline.collate`): that many rows of
     ``max_prompt_len`` prompt and ``max_answer_len`` answer tokens (each at
     most ``max_len - 1``). With ``data.packing``
-    (:func:`bitune_jax.data.pipeline.pack`): examples that long share no
+    (:func:`bitune_jax.data.packing.pack`): examples that long share no
     row, so one row each at the row capacity
-    (:func:`~bitune_jax.data.pipeline.pack_capacity`), rows rounded up to a
+    (:func:`~bitune_jax.data.packing.pack_capacity`), rows rounded up to a
     multiple of ``batch_devices`` per micro-batch as the loop rounds them.
     Packing lowers the number of rows a typical step gets, not this largest
     shape.
