@@ -204,6 +204,11 @@ class DataSection:
         rows as well as widths: more distinct shapes to compile. For training
         and the evaluation loss only (generation and scoring take unpacked
         prompts).
+      pack_rows: rows of a packed batch: ``exact`` (as many as its examples
+        fill) or ``pow2`` (rounded up to a power of two, at most one per
+        example: fewer distinct shapes, hence compilations, for a few rows
+        of padding; ``bitune-jax bench --only padding`` shows both).
+        Ignored without ``packing``.
     """
 
     train: Optional[DataSource] = None
@@ -221,6 +226,7 @@ class DataSection:
     sort_window: int = schema.field(16, ge=1)
     num_epochs: Optional[int] = schema.field(None, ge=1)
     packing: bool = False
+    pack_rows: Literal["exact", "pow2"] = "exact"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -342,3 +342,25 @@ def test_packed_training_resumes_exactly_and_matches_the_unpacked_loss(run_files
     plain = train(_config(raw, tmp_path / "plain", train={"steps": 1}, packing=False, eval=None))
     first = [r for r in _metrics(str(full)) if r["split"] == "train"][0]["loss"]
     assert abs(plain["train_loss"] - first) <= 1e-5 * abs(first)
+
+
+def test_pack_rows_pow2_rounds_rows_up_and_keeps_the_examples():
+    """``data.pack_rows=pow2``: the same examples as unpacked, rows a power of two (at most one per example),
+    fewer distinct shapes over an epoch than ``exact``; a bad value is a config error naming the key."""
+    examples = _examples()
+    cfg = DataSection(batch_size=8, bucket=4, sort_window=2, shuffle_seed=3, max_prompt_len=13, max_answer_len=6,
+                      packing=True)
+    plain = data.batch_dataset(examples, dataclasses.replace(cfg, packing=False), process_index=0, process_count=1)
+    exact = data.batch_dataset(examples, cfg, process_index=0, process_count=1)
+    pow2 = data.batch_dataset(examples, dataclasses.replace(cfg, pack_rows="pow2"), process_index=0, process_count=1)
+    shapes = {"exact": set(), "pow2": set()}
+    for i in range(12):
+        assert _unpack(pow2[i]) == _plain(plain[i])
+        rows, used = pow2[i]["ans_seg"].shape[0], int((pow2[i]["ans_seg"] > 0).any(axis=1).sum())
+        assert rows in (1, 2, 4, 8) and used <= rows < 2 * used
+        assert (pow2[i]["ans_seg"][used:] == 0).all() and (pow2[i]["pre_seg"][used:] == 0).all()
+        shapes["exact"].add(exact[i]["pre_ids"].shape + exact[i]["ans_ids"].shape)
+        shapes["pow2"].add(pow2[i]["pre_ids"].shape + pow2[i]["ans_ids"].shape)
+    assert len(shapes["pow2"]) < len(shapes["exact"]), shapes
+    with pytest.raises(ConfigError, match="data.pack_rows"):
+        Config.from_dict({"data": {"packing": True, "pack_rows": "auto"}})

@@ -217,7 +217,8 @@ def padding_stats(examples, data_cfg) -> dict:
         arrays = (b["pre_ids"], b["ans_ids"]) if bitune.is_packed(b) else (b["prompt_ids"], b["answer_ids"])
         rows += arrays[0].shape[0]
         shapes.add(tuple(a.shape for a in arrays))
-    return {"packing": data_cfg.packing, "padding_fraction": 1.0 - real / slots, "real_tokens": real,
+    return {"packing": data_cfg.packing, "pack_rows": data_cfg.pack_rows if data_cfg.packing else None,
+            "padding_fraction": 1.0 - real / slots, "real_tokens": real,
             "padded_tokens": slots - real, "batches": n, "rows_per_batch": rows / n, "distinct_shapes": len(shapes),
             "batch_size": data_cfg.batch_size, "bucket": data_cfg.bucket, "sort_window": data_cfg.sort_window,
             "max_prompt_len": data_cfg.max_prompt_len, "max_answer_len": data_cfg.max_answer_len}
@@ -257,7 +258,8 @@ def padding_bench(quick=False):
     under the demo's data section (``bitune_jax/apps/configs/demo.yaml``); the
     long-tail mix is :func:`long_tail_examples` under the default data section
     (``max_prompt_len`` 448, ``max_answer_len`` 64, ``bucket`` 32), with the
-    default length grouping (``sort_window`` 16) and without it (1). No model
+    default length grouping (``sort_window`` 16) and without it (1); each
+    unpacked, packed, and packed with ``data.pack_rows=pow2``. No model
     runs; ``quick`` skips the demo data and uses 400 long-tail examples.
     """
     import dataclasses
@@ -276,8 +278,9 @@ def padding_bench(quick=False):
     for window in (16, 1):
         sets.append(("long_tail_lognormal", tail, DataSection(sort_window=window)))
     for name, examples, data_cfg in sets:
-        for packing in (False, True):
-            stats = padding_stats(examples, dataclasses.replace(data_cfg, packing=packing, num_epochs=None))
+        for packing, pack_rows in ((False, "exact"), (True, "exact"), (True, "pow2")):
+            stats = padding_stats(examples, dataclasses.replace(data_cfg, packing=packing, pack_rows=pack_rows,
+                                                                num_epochs=None))
             rows.append({"bench": "padding", "data": name, "examples": len(examples), **stats})
     return rows
 

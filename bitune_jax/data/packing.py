@@ -114,7 +114,19 @@ def _width(fill: int, cap: int, bucket: int) -> int:
     return max(1, min(round_up(fill, bucket), max(cap, fill)))
 
 
-def plan_packing(shares: Sequence[np.ndarray], capacity: Tuple[int, int], bucket: int
+ROW_POLICIES = ("exact", "pow2")
+
+
+def _rows(needed: int, most: int, policy: str) -> int:
+    """Rows of a packed batch that needs ``needed`` of at most ``most``: as is, or the next power of two."""
+    if policy == "exact":
+        return needed
+    if policy == "pow2":
+        return min(1 << (needed - 1).bit_length(), max(most, needed))
+    raise ValueError(f"data.pack_rows={policy!r}; allowed: {', '.join(ROW_POLICIES)}")
+
+
+def plan_packing(shares: Sequence[np.ndarray], capacity: Tuple[int, int], bucket: int, row_policy: str = "exact"
                  ) -> Tuple[List[List[List[int]]], Tuple[int, int, int]]:
     """Row layouts of every process's share of a global batch and their common shape ``(R, S, A)``.
 
@@ -126,12 +138,18 @@ def plan_packing(shares: Sequence[np.ndarray], capacity: Tuple[int, int], bucket
     among equals (attention costs grow with the square of the width). So a
     batch of similar lengths stays about one example per row, as unpacked,
     and a batch of mixed lengths fills rows with its short examples. Widths
-    are rounded up to ``bucket`` but not past the capacity. A pure function
-    of its arguments.
+    are rounded up to ``bucket`` but not past the capacity. ``row_policy``
+    (``data.pack_rows``): ``exact`` keeps the rows the layouts need;
+    ``pow2`` rounds them up to a power of two (but never past one row per
+    example), so batches take fewer distinct shapes (compilations) for some
+    padding rows. A pure function of its arguments.
 
     >>> layouts, shape = plan_packing([np.array([[9, 2], [3, 2], [3, 2], [2, 1]])], (12, 8), bucket=4)
     >>> layouts, shape
     ([[[0], [1, 2, 3]]], (2, 8, 8))
+    >>> lengths = [np.array([[9, 2], [9, 2], [3, 2], [2, 1]])]
+    >>> plan_packing(lengths, (8, 4), 4), plan_packing(lengths, (8, 4), 4, "pow2")
+    (([[[0], [1], [2, 3]]], (3, 8, 4)), ([[[0], [1], [2, 3]]], (4, 8, 4)))
     """
     shares = [np.asarray(s, np.int64).reshape(-1, 2) for s in shares]
     longest = max(int(s[:, 0].max()) - 1 for s in shares)
@@ -142,8 +160,8 @@ def plan_packing(shares: Sequence[np.ndarray], capacity: Tuple[int, int], bucket
     while True:
         layouts = [pack_rows(s, (width, cap_a)) for s in shares]
         widths = [_row_widths(s, rows) for s, rows in zip(shares, layouts)]
-        shape = (max(len(rows) for rows in layouts), _width(max(w[0] for w in widths), cap_s, bucket),
-                 _width(max(w[1] for w in widths), cap_a, bucket))
+        shape = (_rows(max(len(rows) for rows in layouts), max(len(s) for s in shares), row_policy),
+                 _width(max(w[0] for w in widths), cap_s, bucket), _width(max(w[1] for w in widths), cap_a, bucket))
         cost = shape[0] * (shape[1] + shape[2])
         if best is None or cost < best[0]:
             best = (cost, layouts, shape)

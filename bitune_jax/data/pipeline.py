@@ -566,7 +566,7 @@ class _LocalBatch:
 
     def __init__(self, examples: Sequence[Example], lengths: np.ndarray, bucket: int, process_index: int,
                  process_count: int, include_ids: bool, max_lens: Optional[Tuple[int, int]] = None,
-                 pack_capacity: Optional[Tuple[int, int]] = None):
+                 pack_capacity: Optional[Tuple[int, int]] = None, pack_rows: str = "exact"):
         self._examples = examples
         self._lengths = lengths
         self._bucket = bucket
@@ -574,11 +574,13 @@ class _LocalBatch:
         self._p, self._n = process_index, process_count
         self._include_ids = include_ids
         self._pack_capacity = pack_capacity  # None: one padded row per example
+        self._pack_rows = pack_rows
 
     def _packed(self, idx: np.ndarray) -> Dict[str, np.ndarray]:
         # Every process lays out every share, so all agree on the row count and widths.
         shares = np.array_split(idx, self._n)
-        layouts, pad_to = plan_packing([self._lengths[share] for share in shares], self._pack_capacity, self._bucket)
+        layouts, pad_to = plan_packing([self._lengths[share] for share in shares], self._pack_capacity, self._bucket,
+                                       self._pack_rows)
         local = shares[self._p]
         return pack([self._examples[i] for i in local], self._bucket, rows=layouts[self._p], pad_to=pad_to)
 
@@ -652,7 +654,8 @@ def batch_dataset(examples: Sequence[Example], data_cfg: DataSection, *, train: 
     if data_cfg.max_len is not None:  # every example has >= 1 token of each part
         max_lens = tuple(min(m, data_cfg.max_len - 1) for m in max_lens)
     capacity = pack_capacity(data_cfg) if data_cfg.packing else None
-    return batches.map(_LocalBatch(examples, lengths, data_cfg.bucket, p, n, include_ids, max_lens, capacity))
+    return batches.map(_LocalBatch(examples, lengths, data_cfg.bucket, p, n, include_ids, max_lens, capacity,
+                                   data_cfg.pack_rows))
 
 
 def make_iterator(dataset: grain.MapDataset, num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:
