@@ -229,3 +229,21 @@ def test_compilation_cache_is_set_for_the_demo_and_restored(tmp_path):
     assert jax.config.jax_compilation_cache_dir is None
     with demo.compilation_cache(None):
         assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_cli_help_states_the_presets_defaults():
+    """The defaults ``bitune-jax demo --help`` names are the presets' (seeds, held-out items, steps)."""
+    import argparse
+
+    from bitune_jax.cli import demo as cli_demo
+    from bitune_jax.config import load_config
+
+    full, quick = demo.PRESETS["full"], demo.PRESETS["quick"]
+    steps = {name: load_config(os.path.join(demo.CONFIG_DIR, p["config"])).train.steps for name, p in
+             demo.PRESETS.items()}
+    p = argparse.ArgumentParser()
+    cli_demo.add_arguments(p)
+    helps = {a.dest: a.help for a in p._actions}
+    assert f"default: {full['seeds']}, with --quick {quick['seeds']}" in helps["seeds"]
+    assert f"default: {full['eval_items']}, with --quick {quick['eval_items']}" in helps["eval_items"]
+    assert f"default: {steps['full']}, with --quick {steps['quick']}" in helps["steps"]

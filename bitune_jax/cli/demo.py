@@ -16,12 +16,12 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="short preset (demo_quick.yaml, fewer items)")
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     p.add_argument("--seeds", type=int, help="train every arm with seeds 0 .. N-1 (each seed sets the adapter "
-                                             "initialisation and the data order); default: the preset's")
+                                             "initialisation and the data order); default: 3, with --quick 1")
     p.add_argument("--arms", default=",".join(ARM_NAMES),
                    help="comma-separated arms (default: %(default)s); allowed: " + ", ".join(ARM_NAMES)
                         + " (bitune with method.alpha_init=0: every mix starts from the causal cache)")
-    p.add_argument("--steps", type=int, help="training steps of every run instead of the preset's")
-    p.add_argument("--eval-items", type=int, help="held-out items per task instead of the preset's")
+    p.add_argument("--steps", type=int, help="training steps of every run (default: 30, with --quick 8)")
+    p.add_argument("--eval-items", type=int, help="held-out items per task (default: 100, with --quick 16)")
     p.add_argument("--tasks", default=",".join(demo_data.DEMO_TASKS),
                    help=f"comma-separated demo tasks (default: %(default)s); allowed: {', '.join(demo_data.TASKS)}")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides for every run (optim.lr=1e-3)")
