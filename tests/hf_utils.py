@@ -158,3 +158,16 @@ def metrics_rows(out_dir: str, drop=("tokens_per_s", "elapsed_s")):
 
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]
+
+
+def reversal_run_folder(root, counts, n_words: int, lengths, seed: int = 0):
+    """A tiny random Llama with a word tokenizer (``w0 .. w{n_words - 1}``) in ``root/model`` and the
+    word-reversal files of :func:`write_reversal_rows` in ``root``; returns the model folder."""
+    import os
+
+    words = ["[PAD]", "[UNK]", "<s>", "</s>", "Question:", "Answer:"] + [f"w{i}" for i in range(n_words)]
+    model_dir = os.path.join(str(root), "model")
+    tiny_hf_model("llama", model_dir, vocab_size=len(words) + 2)
+    save_word_tokenizer(model_dir, words)
+    write_reversal_rows(root, counts, n_words=n_words, lengths=lengths, seed=seed)
+    return model_dir

@@ -278,19 +278,13 @@ def test_max_len_and_packing_config_errors():
 
 
 # --------------------------------------------------------------------------- training resume
-WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "Question:", "Answer:"] + [f"w{i}" for i in range(40)]
-
-
 @pytest.fixture(scope="module")
 def run_files(tmp_path_factory):
-    from hf_utils import save_word_tokenizer, tiny_hf_model, write_reversal_rows
+    from hf_utils import reversal_run_folder
 
     root = tmp_path_factory.mktemp("packing")
-    model_dir = root / "model"
-    tiny_hf_model("llama", str(model_dir), vocab_size=len(WORDS) + 2)
-    save_word_tokenizer(str(model_dir), WORDS)
-    write_reversal_rows(root, (("train", 16), ("eval", 8)), n_words=40, lengths=(1, 7))
-    raw = {"model": {"source": str(model_dir)},
+    model_dir = reversal_run_folder(root, (("train", 16), ("eval", 8)), n_words=40, lengths=(1, 7))
+    raw = {"model": {"source": model_dir},
            "method": {"variant": "bitune", "peft": {"method": "lora", "rank": 2, "alpha": 4.0}},
            "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "batch_size": 4,
                     "bucket": 8, "max_prompt_len": 16, "max_answer_len": 8, "sort_window": 1, "packing": True},

@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from hf_utils import (FAST_COMPILE, checkpoint_tree, flat_arrays, metrics_rows, save_word_tokenizer, tiny_hf_model,
-                      write_reversal_rows)
+from hf_utils import FAST_COMPILE, checkpoint_tree, flat_arrays, metrics_rows, reversal_run_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ["[PAD]", "[UNK]", "<s>", "</s>", "Question:", "Answer:"] + [f"w{i}" for i in range(60)]
 STEPS = 60  # long enough that a run is still going when the test kills it after a checkpoint
 TIMING = ("tokens_per_s", "elapsed_s")  # the only metrics fields allowed to differ between runs
 
@@ -32,10 +30,7 @@ TIMING = ("tokens_per_s", "elapsed_s")  # the only metrics fields allowed to dif
 def files(tmp_path_factory):
     """A tiny random Llama + tokenizer, reversal-task JSONL files and a run config."""
     root = tmp_path_factory.mktemp("train")
-    model_dir = root / "model"
-    tiny_hf_model("llama", str(model_dir), vocab_size=len(WORDS) + 2)
-    save_word_tokenizer(str(model_dir), WORDS)
-    write_reversal_rows(root, (("train", 64), ("eval", 16)), n_words=60, lengths=(2, 9))
+    model_dir = reversal_run_folder(root, (("train", 64), ("eval", 16)), n_words=60, lengths=(2, 9))
     cfg = {
         "model": {"source": str(model_dir)},
         "method": {"variant": "bitune", "peft": {"method": "lora", "rank": 4, "alpha": 8.0}},
