@@ -75,6 +75,7 @@ from bitune_jax.model.attention import Mask
 from bitune_jax.model.config import ModelConfig
 from bitune_jax.model.peft import PeftConfig, init_adapters
 
+
 def _alpha_init_error(value) -> Optional[str]:
     values = value if isinstance(value, (tuple, list)) else (value,)
     if not values:
