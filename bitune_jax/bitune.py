@@ -307,6 +307,9 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
     layer_inputs = (base["layers"] if scan_weights else None, {k: v for k, v in trainable.items() if k != "mix"},
                     mix_params, T.layer_flags(cfg), jnp.arange(cfg.num_layers))
 
+    # The `prompt_mlp` policy: the prompt streams keep no MLP gate/up outputs (the backward pass reruns them).
+    mlp_recompute = (True,) * n_pre + ((False,) if with_answer else ()) if remat == "prompt_mlp" else None
+
     def body(xs, layer, kv_only=None):
         lp, sets, mixp, is_local, idx = layer
         if lp is None:
@@ -329,7 +332,8 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
 
         xs, ks, vs = T.apply_block(lp, cfg, xs, positions, masks, ads, is_local=is_local,
                                    prefix=prefixes if with_answer else None, peft_cfg=method.peft,
-                                   attention=attention, dropout_rngs=rngs, kv_only=kv_only)
+                                   attention=attention, dropout_rngs=rngs, kv_only=kv_only,
+                                   mlp_recompute=mlp_recompute)
         return xs, (mixed_prefix(ks, vs) if return_prefix else None)
 
     remat_of = functools.partial(T.rematerialize, policy=remat)

@@ -248,7 +248,10 @@ class TrainSection:
         is rerun: ``transformer.rematerialize``), ``none`` (save whatever
         autodiff keeps: about 2.5x the memory of ``projections``, and slower
         on CPU), ``full`` (save each layer's input only, rerun the layer),
-        ``dots`` (save matmul outputs, LoRA's included).
+        ``dots`` (save matmul outputs, LoRA's included), ``prompt_mlp``
+        (``projections``, but the prompt streams, the tokens no loss is
+        taken on, keep no MLP gate/up outputs: the backward pass reruns
+        those two matmuls for them; less memory for more FLOPs).
       async_checkpoint: write checkpoints in the background.
     """
 
@@ -260,7 +263,7 @@ class TrainSection:
     keep_checkpoints: int = schema.field(3, ge=1)
     log_every: int = schema.field(10, ge=1)
     seed: int = schema.field(0, ge=0)
-    remat: Literal["none", "full", "dots", "projections"] = "projections"
+    remat: Literal["none", "full", "dots", "projections", "prompt_mlp"] = "projections"
     async_checkpoint: bool = True
 
 

@@ -89,7 +89,8 @@ def test_an_oversized_packed_batch_does_not_fit_exit_3_with_what_to_change(tmp_p
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the train step does not fit in the 16 GiB of HBM per chip "
                                                "of v5e:2x2 (XLA: "), proc.stderr
-    for hint in ("train.remat=full (now none)", "mesh.data=1 mesh.fsdp=4", "data.batch_size (now 16384", "HBM"):
+    for hint in ("train.remat=prompt_mlp (the prompt streams recompute their MLP) or train.remat=full",
+                 "(now none)", "mesh.data=1 mesh.fsdp=4", "data.batch_size (now 16384", "HBM"):
         assert hint in err[0]
 
 

@@ -401,3 +401,18 @@ def test_a_checkpoint_of_the_previous_release_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "compat")  # run.yaml names the model and data relative to its folder
     summary = train(load_config("run.yaml", ["train.output_dir=run"]))
     assert (summary["status"], summary["start_step"], summary["step"]) == ("completed", 3, 6)
+
+
+def test_remat_policies_are_the_same_everywhere():
+    """``train.remat``'s allowed values, ``bench --remat``'s choices and the model's policies agree."""
+    import argparse
+
+    from bitune_jax.cli import bench as bench_cli
+    from bitune_jax.config import TrainSection
+    from bitune_jax.model.transformer import REMAT_POLICIES
+
+    p = argparse.ArgumentParser()
+    bench_cli.add_arguments(p)
+    choices = next(a.choices for a in p._actions if a.dest == "remat")
+    assert tuple(choices) == REMAT_POLICIES
+    assert typing.get_args(typing.get_type_hints(TrainSection)["remat"]) == REMAT_POLICIES

@@ -93,6 +93,29 @@ def test_query_by_key_tensors_are_saved_only_by_the_dense_reference_without_rema
         assert shapes and not saved_qk, saved_qk
 
 
+@pytest.mark.parametrize("variant", ["bitune", "lora"])
+def test_prompt_mlp_policy_keeps_the_mlp_outputs_of_the_answer_stream_only(capsys, variant):
+    """``remat="prompt_mlp"``: the loop keeps gate/up outputs for the answer tokens only; same loss and gradients."""
+    base = T.init_params(jax.random.PRNGKey(0), CFG, std=0.2)
+    method = bitune.MethodConfig(variant=variant, peft=PeftConfig(rank=4))
+    tr = _trainable(method, base)
+    loss = {r: (lambda t, r=r: bitune.loss_fn(t, base, CFG, method, BATCH, remat=r)[0]) for r in
+            ("projections", "prompt_mlp")}
+    s, a = BATCH["prompt_ids"].shape[1] - 1, BATCH["answer_ids"].shape[1]
+    n_pre = len(method.prompt_streams)
+
+    def mlp_tokens(remat):  # token counts of the loop's stacked [layers - 1, batch, tokens, intermediate] residuals
+        return sorted(sh[2] for sh in _residual_shapes(capsys, loss[remat], tr)
+                      if len(sh) == 4 and sh[0] == CFG.num_layers - 1 and sh[-1] == CFG.intermediate_size)
+
+    assert mlp_tokens("projections") == [n_pre * s + a] * 2  # gate and up, every stream packed
+    assert mlp_tokens("prompt_mlp") == [a] * 2  # the answer stream's only
+    (l0, g0), (l1, g1) = (jax.value_and_grad(loss[r])(tr) for r in ("projections", "prompt_mlp"))
+    assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0))
+    for u, w in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=1e-5, atol=1e-6 * float(np.abs(w).max()))
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_packed_projection_equals_each_stream_alone(method):
     """One matmul over packed streams with two adapter sets (and a stream without) == each stream on its own."""
@@ -122,6 +145,41 @@ def test_packed_projection_equals_each_stream_alone(method):
         g2 = jax.grad(lambda x, s: (alone(x, s) * w).sum(), argnums=(0, 1))(x, sets)
         for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_sets", [1, 2])
+def test_adapted_projection_gradients_equal_autodiff_of_the_plain_formula(n_sets):
+    """The adapters' hand-written backward pass (``peft._lora_delta``) against autodiff of the formula.
+
+    Gradients of the input, the adapters and the kernel; one adapter set, and two selected per token.
+    """
+    from bitune_jax.model import peft as peft_lib
+
+    pc = PeftConfig(rank=4, alpha=8.0)
+    rng = np.random.default_rng(0)
+    lens = (5, 3, 2)
+    which = [0, 1, 0][:len(lens)] if n_sets == 2 else [0, 0, 0]
+    for din, dout in ((32, 64), (64, 32)):
+        w = jnp.asarray(rng.normal(size=(din, dout)), jnp.float32)
+        sets = [{"down_proj": {"lora_a": jnp.asarray(rng.normal(size=(din, 4)), jnp.float32),
+                               "lora_b": jnp.asarray(rng.normal(size=(4, dout)), jnp.float32)}} for _ in range(n_sets)]
+        x = jnp.asarray(rng.normal(size=(2, sum(lens), din)), jnp.float32)
+        gy = jnp.asarray(rng.normal(size=(2, sum(lens), dout)), jnp.float32)
+
+        def packed(x, w, sets):
+            return (peft_lib.dense_packed(x, lens, {"kernel": w}, "down_proj", [sets[j] for j in which], pc) * gy).sum()
+
+        def plain(x, w, sets):
+            parts = jnp.split(x, np.cumsum(lens)[:-1].tolist(), axis=1)
+            ys = [p @ w + (p @ sets[j]["down_proj"]["lora_a"]) @ sets[j]["down_proj"]["lora_b"] * pc.scaling
+                  for p, j in zip(parts, which)]
+            return (jnp.concatenate(ys, axis=1) * gy).sum()
+
+        np.testing.assert_allclose(float(packed(x, w, sets)), float(plain(x, w, sets)), rtol=1e-5)
+        g1 = jax.grad(packed, argnums=(0, 1, 2))(x, w, sets)
+        g2 = jax.grad(plain, argnums=(0, 1, 2))(x, w, sets)
+        for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
 
 
 def test_auto_attention_takes_the_dense_reference_for_an_explicit_mask():

@@ -10,6 +10,7 @@ from bitune_jax.training import sharding
 
 from bitune_jax.training import step as ts
 from bitune_jax.model.config import ModelConfig
+from bitune_jax.model import transformer as T
 from bitune_jax.model.transformer import init_params
 from bitune_jax.model.peft import PeftConfig
 from hf_utils import random_batch
@@ -104,9 +105,9 @@ def test_remat_policies_give_same_gradients():
     base, m, _, state = _setup()
     batch = _batch()
     grads = {}
-    for policy in ("none", "full", "dots", "projections"):
+    for policy in T.REMAT_POLICIES:
         g = jax.jit(jax.grad(lambda t: bitune.loss_fn(t, base, CFG, m, batch, remat=policy)[0]))(state.trainable)
         grads[policy] = g
-    for policy in ("full", "dots", "projections"):
+    for policy in T.REMAT_POLICIES[1:]:
         d = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), grads["none"], grads[policy])
         assert max(jax.tree_util.tree_leaves(d)) <= 1e-6

@@ -24,7 +24,7 @@ def add_arguments(p) -> None:
                    help="train-step PROMPT+ANSWER pairs, comma-separated (default 192+64,448+64,64+64; "
                         "with --quick 24+8,48+8)")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions per setting")
-    p.add_argument("--remat", default="projections", choices=["none", "full", "dots", "projections"],
+    p.add_argument("--remat", default="projections", choices=["none", "full", "dots", "projections", "prompt_mlp"],
                    help="rematerialisation of the train step (default: train.remat's default, projections)")
     p.add_argument("--only", help="comma-separated subset of train,mc_eval,decode,padding (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny random model and short lengths (CI)")

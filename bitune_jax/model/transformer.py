@@ -178,7 +178,7 @@ def layer_flags(cfg: ModelConfig):
 # RoPE, activations, the Bitune mix and the attention probabilities are recomputed from them.
 SAVED_NAMES = ("q_proj", "k_proj", "v_proj", "attn_out", "attn_lse", "o_proj", "gate_proj", "up_proj", "down_proj",
                "lora_h")
-REMAT_POLICIES = ("none", "full", "dots", "projections")
+REMAT_POLICIES = ("none", "full", "dots", "projections", "prompt_mlp")
 
 
 def rematerialize(fn, policy: str, *, prevent_cse: bool = True):
@@ -188,6 +188,11 @@ def rematerialize(fn, policy: str, *, prevent_cse: bool = True):
     backward pass reruns the layer), ``dots`` saves matmul outputs without
     batch dimensions, ``projections`` saves :data:`SAVED_NAMES` (no matmul of
     a projection is rerun; elementwise work and attention scores are).
+    ``prompt_mlp`` is ``projections`` for this function; the callers that
+    run prompt streams (``bitune.run_streams``) additionally leave those
+    streams' MLP gate/up outputs unnamed (:class:`DecoderBlock`'s
+    ``mlp_recompute``), so the backward pass reruns those two matmuls for the
+    prompt tokens instead of keeping them.
     ``prevent_cse=False`` suits scan bodies (see ``jax.checkpoint``).
     """
     if policy in (None, "none", False):
@@ -197,7 +202,7 @@ def rematerialize(fn, policy: str, *, prevent_cse: bool = True):
     if policy == "dots":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                               prevent_cse=prevent_cse)
-    if policy == "projections":
+    if policy in ("projections", "prompt_mlp"):
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES),
                               prevent_cse=prevent_cse)
     raise ValueError(f"remat={policy!r}; allowed: {', '.join(REMAT_POLICIES)}")
@@ -273,7 +278,13 @@ class DecoderBlock(nn.Module):
     * ``kv_only``: optional static tuple of bools, True for streams of which
       only this layer's keys and values are wanted (Bitune's prompt streams in
       the last layer): they skip queries, attention and the MLP, and their
-      residual stream is returned unchanged.
+      residual stream is returned unchanged;
+    * ``mlp_recompute``: optional static tuple of bools, True for streams
+      whose MLP gate/up projections are computed in a matmul of their own
+      and not named for the ``projections`` policy (:data:`SAVED_NAMES`):
+      under a name-based rematerialisation the backward pass reruns them
+      (the ``prompt_mlp`` policy: less memory, more FLOPs). Values are
+      unchanged.
 
     Returns ``(xs, ks, vs)``: the new residual streams and each stream's own
     rotated keys and values ``[batch, seq, kv_heads, hd]``. The streams share
@@ -289,7 +300,7 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, xs, positions, masks, adapters, *, is_local=False, prefix=None, dropout_rngs=None,
-                 kv_only=None):
+                 kv_only=None, mlp_recompute=None):
         cfg = self.cfg
         bias = cfg.norm_type == "layer"
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -354,13 +365,39 @@ class DecoderBlock(nn.Module):
         mid = x_f + o
         mlp_in = h_f if cfg.parallel_block else Norm(cfg, with_bias=bias, name="mlp_norm")(mid)
         up = proj(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="up_proj")
-        if cfg.mlp_type == "gated":
-            g = proj(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(mlp_in, lens_f, ads,
-                                                                                              rngs(4))
-            u = up(mlp_in, lens_f, ads, rngs(5))
-            act = _act(checkpoint_name(g, "gate_proj"), cfg) * checkpoint_name(u, "up_proj")
+        gate = proj(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")
+
+        def mlp_act(t, idx, keep):
+            """The MLP's activation of streams ``idx`` (of ``full``); ``keep``: name the projections (kept by
+            the ``projections`` policy) or leave them to be recomputed in the backward pass."""
+            lens_g = [lens_f[j] for j in idx]
+            ads_g = [ads[j] for j in idx]
+
+            def rngs_g(n):
+                r = rngs(n)
+                return None if r is None else [r[j] for j in idx]
+
+            name = checkpoint_name if keep else (lambda y, _: y)
+            if cfg.mlp_type == "gated":
+                g = gate(t, lens_g, ads_g, rngs_g(4))
+                u = up(t, lens_g, ads_g, rngs_g(5))
+                return _act(name(g, "gate_proj"), cfg) * name(u, "up_proj")
+            return _act(name(up(t, lens_g, ads_g, rngs_g(5)), "up_proj"), cfg)
+
+        # Streams marked in ``mlp_recompute`` keep no MLP projection output for the backward pass: their
+        # gate/up matmuls run as a separate call that the backward pass reruns (less memory, more FLOPs).
+        redo = [j for j, i in enumerate(full) if mlp_recompute and mlp_recompute[i]]
+        if not redo:
+            act = mlp_act(mlp_in, list(range(len(full))), True)
         else:
-            act = _act(checkpoint_name(up(mlp_in, lens_f, ads, rngs(5)), "up_proj"), cfg)
+            kept = [j for j in range(len(full)) if j not in redo]
+            parts = [None] * len(full)
+            for idx, keep in ((kept, True), (redo, False)):
+                if idx:
+                    a_g = mlp_act(_take(mlp_in, lens_f, idx), idx, keep)
+                    for j, t in zip(idx, _unpack(a_g, [lens_f[j] for j in idx])):
+                        parts[j] = t
+            act = _pack(parts)
         d = proj(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(act, lens_f, ads, rngs(6))
         if cfg.sandwich_norm:
             d = Norm(cfg, name="post_mlp_norm")(checkpoint_name(d, "down_proj"))
@@ -533,11 +570,12 @@ def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
 
 
 def apply_block(layer_params, cfg: ModelConfig, xs, positions, masks, adapters, *, is_local=False, prefix=None,
-                peft_cfg: Optional[PeftConfig] = None, attention: str = "auto", dropout_rngs=None, kv_only=None):
+                peft_cfg: Optional[PeftConfig] = None, attention: str = "auto", dropout_rngs=None, kv_only=None,
+                mlp_recompute=None):
     """Applies :class:`DecoderBlock` with one layer's parameters; see its docstring for the arguments."""
     return DecoderBlock(cfg, peft_cfg, attention).apply({"params": layer_params}, xs, positions, masks, adapters,
                                                          is_local=is_local, prefix=prefix, dropout_rngs=dropout_rngs,
-                                                         kv_only=kv_only)
+                                                         kv_only=kv_only, mlp_recompute=mlp_recompute)
 
 
 # --------------------------------------------------------------------------- forward

@@ -408,8 +408,11 @@ def _does_not_fit(e: BaseException, cfg, topo: Topology, mesh, rows: int, batch_
     if batch_shards < splits:
         hints.append(f"a data.batch_size whose {rows} rows per step are a multiple of mesh data*fsdp={splits} "
                      f"(now they are not, so the batch is not split: every chip runs all of it)")
-    if cfg.train.remat != "full":
-        hints.append(f"train.remat=full (now {cfg.train.remat})")
+    if cfg.train.remat not in ("full", "prompt_mlp"):
+        hints.append(f"train.remat=prompt_mlp (the prompt streams recompute their MLP) or train.remat=full "
+                     f"(every layer recomputed) (now {cfg.train.remat})")
+    elif cfg.train.remat == "prompt_mlp":
+        hints.append("train.remat=full (now prompt_mlp)")
     if mesh.shape["fsdp"] * mesh.shape["tensor"] < topo.chips:
         hints.append(f"shard the frozen base over more chips with mesh.fsdp / mesh.tensor (now data="
                      f"{mesh.shape['data']}, fsdp={mesh.shape['fsdp']}, tensor={mesh.shape['tensor']}; e.g. "
