@@ -287,13 +287,16 @@ def run_streams(trainable, base, cfg: ModelConfig, method: MethodConfig, st: Str
     # Prompt streams attend among the prefill span (causally or not); the answer
     # stream attends to the (mixed) span, then causally to itself.
     # Packed rows: segment ids keep every token within its own example.
-    masks = [Mask.over(st.pre_pos, st.pre_valid, causal=causal, segment=st.pre_seg) for causal, _ in streams]
+    # Positions grow with the index within every example (``ordered``): causal attention may skip later keys.
+    masks = [Mask.over(st.pre_pos, st.pre_valid, causal=causal, segment=st.pre_seg, ordered=True)
+             for causal, _ in streams]
     x_pre = T.embed(base, cfg, st.pre_tokens)
     xs = [x_pre] * n_pre
     positions = [st.pre_pos] * n_pre
     if with_answer:
         masks.append(Mask.over(st.ans_pos, st.ans_valid, causal=True, prefix_positions=st.pre_pos,
-                               prefix_valid=st.pre_valid, segment=st.ans_seg, prefix_segment=st.pre_seg))
+                               prefix_valid=st.pre_valid, segment=st.ans_seg, prefix_segment=st.pre_seg,
+                               ordered=True))
         xs.append(T.embed(base, cfg, st.ans_tokens))
         positions.append(st.ans_pos)
     # The loop carries the streams packed along the token axis, as the block computes on them.

@@ -8,6 +8,9 @@ flag of every command select one; :data:`IMPLEMENTATIONS`):
 * ``blocked``: :func:`blocked_attention`, an online softmax over key blocks
   whose backward pass recomputes the probabilities, so no ``[q, k]`` score or
   probability tensor is saved for the backward pass (pure JAX, any backend);
+  the model runs a long causal stream with an ``ordered`` mask in chunks of
+  queries that skip the keys after them
+  (``bitune_jax.model.transformer.CAUSAL_CHUNK``);
 * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``;
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``,
   cuDNN's fused flash attention (GPU only);
@@ -89,7 +92,11 @@ class Mask:
     (``q_segment [batch, q_len]``, ``k_segment [batch, k_len]``, int32; a
     packed row holds several examples, one segment id each) a query further
     sees only keys of its own segment; None (the default) is one segment per
-    row.
+    row. ``ordered`` (static) says that, within each segment, the positions of
+    the stream's own tokens (the keys after the prefix, in the queries' order)
+    strictly increase with the index, as for every mask this package builds
+    from its own positions: a causal query then sees none of its own stream's
+    keys at a later index, and ``blocked`` attention skips them.
 
     >>> import jax.numpy as jnp
     >>> pos = jnp.arange(3)[None]
@@ -108,14 +115,17 @@ class Mask:
     causal: bool = struct.field(pytree_node=False, default=True)
     q_segment: Optional[jax.Array] = None
     k_segment: Optional[jax.Array] = None
+    ordered: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def over(cls, positions, valid, *, causal: bool, prefix_positions=None, prefix_valid=None, segment=None,
-             prefix_segment=None) -> "Mask":
+             prefix_segment=None, ordered: bool = False) -> "Mask":
         """The mask of tokens attending to themselves, after an optional prefix cache.
 
         ``segment`` (and ``prefix_segment`` with a prefix) are the tokens'
-        segment ids; give both or neither when there is a prefix.
+        segment ids; give both or neither when there is a prefix. ``ordered``:
+        see the class docstring (only a caller that built ``positions`` can
+        promise it).
         """
         k_pos, k_valid, k_segment = positions, valid, segment
         if prefix_positions is not None:
@@ -127,7 +137,8 @@ class Mask:
                 k_segment = jnp.concatenate([prefix_segment, segment], axis=1)
         elif prefix_segment is not None:
             raise ValueError("Mask.over: prefix_segment needs prefix_positions")
-        return cls(positions, k_pos, valid, k_valid, causal=causal, q_segment=segment, k_segment=k_segment)
+        return cls(positions, k_pos, valid, k_valid, causal=causal, q_segment=segment, k_segment=k_segment,
+                   ordered=ordered)
 
     def dense(self, window: Optional[int] = None) -> jax.Array:
         """Boolean ``[batch, q_len, k_len]``; ``window`` for sliding-window layers."""

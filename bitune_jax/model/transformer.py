@@ -520,16 +520,43 @@ def _attention_impl(cfg: ModelConfig, impl: str, masks, q_len: Optional[int] = N
     return resolved
 
 
+# Queries per chunk of a causal ``ordered`` stream under ``blocked`` attention: each chunk attends to the
+# prefix and to the stream's own keys up to its last query only, so a long causal stream skips about half of
+# its [q, k] work (the keys after every query, which the mask hides anyway).
+CAUSAL_CHUNK = 48
+
+
+def _causal_chunks(mask, q_len: int, k_len: int):
+    """Query bounds of the chunks of a causal, ordered stream (``[0, ..., q_len]``), or None: no chunking."""
+    if not (isinstance(mask, attn_lib.Mask) and mask.causal and mask.ordered) or q_len <= CAUSAL_CHUNK:
+        return None
+    if k_len < q_len:  # keys are a prefix followed by the stream's own tokens
+        return None
+    n = -(-q_len // CAUSAL_CHUNK)
+    return [int(x) for x in np.linspace(0, q_len, n + 1).round()]
+
+
 def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
-    """Attention of every stream; streams of equal shapes run as one call over a stacked batch."""
+    """Attention of every stream; streams of equal shapes run as one call over a stacked batch.
+
+    Under ``blocked``, causal streams whose masks are ``ordered`` (and longer
+    than :data:`CAUSAL_CHUNK` queries) run apart from the others, chunk by
+    chunk of queries, each chunk seeing only the keys up to its last query.
+    """
     impl = _attention_impl(cfg, impl, masks, max(q.shape[1] for q in qs))
     groups = {}
     for i, (q, k) in enumerate(zip(qs, ks)):
-        # A splash call has one static mask, so its streams also share the mask kind.
-        kind = getattr(masks[i], "causal", None) if impl == "splash" else None
+        # A splash call has one static mask, so its streams also share the mask kind; chunked blocked
+        # streams share their chunks.
+        kind = None
+        if impl == "splash":
+            kind = getattr(masks[i], "causal", None)
+        elif impl == "blocked":
+            chunks = _causal_chunks(masks[i], q.shape[1], k.shape[1])
+            kind = None if chunks is None else tuple(chunks)
         groups.setdefault((q.shape[1:], k.shape[1:], kind), []).append(i)
     outs = [None] * len(qs)
-    for idx in groups.values():
+    for (_, _, kind), idx in groups.items():
         def cat(ts):  # the group's streams stacked on the batch axis
             return ts[idx[0]] if len(idx) == 1 else jnp.concatenate([ts[i] for i in idx], 0)
 
@@ -541,11 +568,23 @@ def _attend_streams(cfg: ModelConfig, qs, ks, vs, masks, impl: str, is_local):
             window = _NO_WINDOW
             if cfg.has_local_layers:
                 window = jnp.where(is_local, cfg.sliding_window, _NO_WINDOW)
-            fields = [jnp.concatenate([getattr(m, f) for m in ms], 0) for f in ("q_pos", "k_pos", "q_valid", "k_valid")]
+            q_pos, k_pos, q_valid, k_valid = (jnp.concatenate([getattr(m, f) for m in ms], 0)
+                                              for f in ("q_pos", "k_pos", "q_valid", "k_valid"))
             causal = jnp.concatenate([jnp.full((m.q_pos.shape[0],), m.causal) for m in ms], 0)
             q_seg, k_seg = attn_lib.stack_segments(ms)
-            o = attn_lib.blocked_attention(cat(qs), cat(ks), cat(vs), *fields, causal, window, scale=cfg.scale,
-                                           softcap=cfg.attn_logit_softcap, q_segment=q_seg, k_segment=k_seg)
+            q, k, v = cat(qs), cat(ks), cat(vs)
+            bounds = kind if kind is not None else (0, q.shape[1])
+            prefix = k.shape[1] - q.shape[1] if kind is not None else 0
+            chunk_outs = []
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                # Without chunks: every key. With chunks: the prefix and the own keys up to query `hi - 1`.
+                kk = k.shape[1] if kind is None else prefix + hi
+                chunk_outs.append(attn_lib.blocked_attention(
+                    q[:, lo:hi], k[:, :kk], v[:, :kk], q_pos[:, lo:hi], k_pos[:, :kk], q_valid[:, lo:hi],
+                    k_valid[:, :kk], causal, window, scale=cfg.scale, softcap=cfg.attn_logit_softcap,
+                    q_segment=None if q_seg is None else q_seg[:, lo:hi],
+                    k_segment=None if k_seg is None else k_seg[:, :kk]))
+            o = _pack(chunk_outs)
         elif impl == "splash":
             ms = [masks[i] for i in idx]
             if not all(isinstance(m, attn_lib.Mask) for m in ms):
@@ -607,6 +646,7 @@ def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, cau
       ``(logits_or_hidden, kv_or_None)``.
     """
     b, t = tokens.shape
+    ordered = positions is None  # the default positions grow with the index
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if valid is None:
@@ -614,7 +654,7 @@ def forward(params, cfg: ModelConfig, tokens, *, positions=None, valid=None, cau
     if prefix_kv is not None and (prefix_positions is None or prefix_valid is None):
         raise ValueError("prefix_kv needs prefix_positions and prefix_valid")
     mask = attn_lib.Mask.over(positions, valid, causal=causal, prefix_valid=prefix_valid,
-                              prefix_positions=prefix_positions if prefix_kv is not None else None)
+                              prefix_positions=prefix_positions if prefix_kv is not None else None, ordered=ordered)
 
     def body(x, layer):
         lp, ad, is_local, pkv = layer
