@@ -93,11 +93,14 @@ def test_query_by_key_tensors_are_saved_only_by_the_dense_reference_without_rema
         assert shapes and not saved_qk, saved_qk
 
 
-@pytest.mark.parametrize("variant", ["bitune", "lora"])
-def test_prompt_mlp_policy_keeps_the_mlp_outputs_of_the_answer_stream_only(capsys, variant):
-    """``remat="prompt_mlp"``: the loop keeps gate/up outputs for the answer tokens only; same loss and gradients."""
+def test_prompt_mlp_policy_keeps_the_mlp_outputs_of_the_answer_stream_only(capsys):
+    """``remat="prompt_mlp"``: the loop keeps gate/up outputs for the answer tokens only; same loss and gradients.
+
+    (LoRA's single prompt stream goes through the same code; ``test_remat_policies_give_same_gradients`` runs
+    the policy too.)
+    """
     base = T.init_params(jax.random.PRNGKey(0), CFG, std=0.2)
-    method = bitune.MethodConfig(variant=variant, peft=PeftConfig(rank=4))
+    method = bitune.MethodConfig(variant="bitune", peft=PeftConfig(rank=4))
     tr = _trainable(method, base)
     loss = {r: (lambda t, r=r: bitune.loss_fn(t, base, CFG, method, BATCH, remat=r)[0]) for r in
             ("projections", "prompt_mlp")}

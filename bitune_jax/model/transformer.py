@@ -523,7 +523,7 @@ def _attention_impl(cfg: ModelConfig, impl: str, masks, q_len: Optional[int] = N
 # Queries per chunk of a causal ``ordered`` stream under ``blocked`` attention: each chunk attends to the
 # prefix and to the stream's own keys up to its last query only, so a long causal stream skips about half of
 # its [q, k] work (the keys after every query, which the mask hides anyway).
-CAUSAL_CHUNK = 48
+CAUSAL_CHUNK = 64
 
 
 def _causal_chunks(mask, q_len: int, k_len: int):
